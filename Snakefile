@@ -1,0 +1,21 @@
+# adaptune: importance-guided adaptive fine-tuning of a pretrained model.
+# Stages: prepare_data -> score_importance -> make_freeze_plan -> finetune -> evaluate -> report.
+# The experiment is config/config.yaml (documented by config/schema.yaml); see README.md.
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/importance.smk"
+include: "rules/plan.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.report.output,

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+validate(config, schema="../config/schema.yaml")
+
+
+ENV = "../envs/adaptune.yaml"
+EXPERIMENT = config["experiment"]
+EXP = Path("results") / EXPERIMENT
+DATA = EXP / "data"
+IMPORTANCE = EXP / "importance"
+PLANS = EXP / "plans"
+RUNS = EXP / "runs"
+REPORT = EXP / "report"
+LOGS = EXP / "logs"
+BENCH = EXP / "benchmarks"
+RUN = RUNS / "{strategy}/k{shots}/seed{seed}"
+
+SHOTS = [str(shots) for shots in config["data"]["shots"]]
+STRATEGIES = list(config["strategies"])
+SEEDS = config["train"]["seeds"]
+
+
+wildcard_constraints:
+    shots=r"[0-9]+|all",
+    seed=r"[0-9]+",
+    strategy=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+
+
+# Each stage's params hold exactly the config it depends on, so that a change reruns exactly the
+# stages it touches. The shot counts and seeds are wildcards, never params: adding one only adds
+# jobs.
+
+
+def data_settings(wildcards=None):
+    """data: without shots (each shot count is its own sample_few_shot job)."""
+    return {key: value for key, value in config["data"].items() if key != "shots"}
+
+
+def strategy_spec(wildcards):
+    return config["strategies"][wildcards.strategy]
+
+
+def train_settings(wildcards):
+    """train: with the strategy's overrides, without seeds (each seed is its own job)."""
+    overrides = config["strategies"][wildcards.strategy].get("train", {})
+    shared = {key: value for key, value in config["train"].items() if key != "seeds"}
+    return {**shared, **overrides}
+
+
+def inference_settings(wildcards):
+    """What evaluate depends on: where and how the test split is run."""
+    train = train_settings(wildcards)
+    return {key: train[key] for key in ("device", "precision", "eval_batch_size")}
+
+
+def mlflow_settings(wildcards=None):
+    return {
+        "tracking_uri": config["mlflow"]["tracking_uri"],
+        "experiment_name": config["mlflow"]["experiment_name"] or EXPERIMENT,
+    }
+
+
+def all_run_metrics(wildcards=None):
+    return expand(RUN / "metrics.json", strategy=STRATEGIES, shots=SHOTS, seed=SEEDS)

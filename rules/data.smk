@@ -1,0 +1,35 @@
+rule prepare_data:
+    output:
+        train=DATA / "train.parquet",
+        val=DATA / "val.parquet",
+        test=DATA / "test.parquet",
+        info=DATA / "data.json",
+    log:
+        LOGS / "prepare_data.log",
+    benchmark:
+        BENCH / "prepare_data.tsv"
+    conda:
+        ENV
+    threads: 2
+    params:
+        data=data_settings(),
+        model=config["model"]["name"],
+    script:
+        "../scripts/prepare_data.py"
+
+
+rule sample_few_shot:
+    input:
+        train=DATA / "train.parquet",
+    output:
+        train=DATA / "train_k{shots}.parquet",
+    log:
+        LOGS / "sample_few_shot/k{shots}.log",
+    benchmark:
+        BENCH / "sample_few_shot/k{shots}.tsv"
+    conda:
+        ENV
+    params:
+        seed=config["data"]["seed"],
+    script:
+        "../scripts/sample_few_shot.py"

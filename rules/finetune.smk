@@ -1,0 +1,42 @@
+rule create_mlflow_experiment:
+    output:
+        experiment=EXP / "mlflow_experiment.json",
+    log:
+        LOGS / "create_mlflow_experiment.log",
+    benchmark:
+        BENCH / "create_mlflow_experiment.tsv"
+    conda:
+        ENV
+    params:
+        mlflow=mlflow_settings(),
+        artifact_root=str(EXP / "mlartifacts"),
+    script:
+        "../scripts/create_mlflow_experiment.py"
+
+
+rule finetune:
+    input:
+        plan=PLANS / "k{shots}/{strategy}.json",
+        train=DATA / "train_k{shots}.parquet",
+        val=DATA / "val.parquet",
+        info=DATA / "data.json",
+        scores=IMPORTANCE / "k{shots}/scores.parquet",
+        experiment=EXP / "mlflow_experiment.json",
+    output:
+        model=directory(RUN / "model"),
+        history=RUN / "history.csv",
+        summary=RUN / "train_summary.json",
+        settings=RUN / "settings.json",
+        run_id=RUN / "mlflow_run_id",
+    log:
+        LOGS / "finetune/{strategy}/k{shots}/seed{seed}.log",
+    benchmark:
+        BENCH / "finetune/{strategy}/k{shots}/seed{seed}.tsv"
+    conda:
+        ENV
+    threads: 4
+    params:
+        train=train_settings,
+        model=config["model"]["name"],
+    script:
+        "../scripts/finetune.py"

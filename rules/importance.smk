@@ -1,0 +1,20 @@
+rule score_importance:
+    input:
+        train=DATA / "train_k{shots}.parquet",
+        info=DATA / "data.json",
+    output:
+        scores=IMPORTANCE / "k{shots}/scores.parquet",
+        layers=IMPORTANCE / "k{shots}/layers.parquet",
+        heatmap=IMPORTANCE / "k{shots}/heatmap.png",
+    log:
+        LOGS / "score_importance/k{shots}.log",
+    benchmark:
+        BENCH / "score_importance/k{shots}.tsv"
+    conda:
+        ENV
+    threads: 4
+    params:
+        importance=config["importance"],
+        model=config["model"]["name"],
+    script:
+        "../scripts/score_importance.py"

@@ -1,0 +1,16 @@
+rule make_freeze_plan:
+    input:
+        scores=IMPORTANCE / "k{shots}/scores.parquet",
+    output:
+        plan=PLANS / "k{shots}/{strategy}.json",
+        summary=PLANS / "k{shots}/{strategy}.md",
+    log:
+        LOGS / "make_freeze_plan/k{shots}/{strategy}.log",
+    benchmark:
+        BENCH / "make_freeze_plan/k{shots}/{strategy}.tsv"
+    conda:
+        ENV
+    params:
+        strategy=strategy_spec,
+    script:
+        "../scripts/make_freeze_plan.py"

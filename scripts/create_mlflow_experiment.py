@@ -1,0 +1,18 @@
+"""Rule create_mlflow_experiment: the MLflow store and experiment, made once before jobs fan out."""
+
+import json
+from typing import TYPE_CHECKING
+
+from adaptune.logs import to_log_file
+from adaptune.tracking import ensure_experiment
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+with to_log_file(snakemake.log[0]):
+    settings = snakemake.params.mlflow
+    experiment = ensure_experiment(
+        settings["tracking_uri"], settings["experiment_name"], snakemake.params.artifact_root
+    )
+    with open(snakemake.output.experiment, "w") as out:
+        json.dump(experiment, out, indent=2)

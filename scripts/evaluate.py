@@ -1,0 +1,27 @@
+"""Rule evaluate: test metrics and confusion matrix, logged to the run (adaptune.evaluation)."""
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from adaptune.evaluation import run_evaluate
+from adaptune.logs import to_log_file
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+with to_log_file(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    inference = snakemake.params.inference
+    run_evaluate(
+        snakemake.input.model,
+        snakemake.input.test,
+        snakemake.input.info,
+        snakemake.input.summary,
+        snakemake.input.run_id,
+        snakemake.input.experiment,
+        device=inference["device"],
+        batch_size=inference["eval_batch_size"],
+        precision=inference["precision"],
+        outputs=dict(snakemake.output.items()),
+    )

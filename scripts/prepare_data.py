@@ -1,0 +1,18 @@
+"""Rule prepare_data: load, check, split and tokenise the labelled data (adaptune.data)."""
+
+from typing import TYPE_CHECKING
+
+from adaptune.data import run_prepare_data
+from adaptune.logs import to_log_file
+from adaptune.settings import DataSettings
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+with to_log_file(snakemake.log[0]):
+    run_prepare_data(
+        DataSettings.from_config(snakemake.params.data),
+        snakemake.params.model,
+        split_paths={s: snakemake.output[s] for s in ("train", "val", "test")},
+        info_path=snakemake.output.info,
+    )

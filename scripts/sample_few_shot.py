@@ -1,0 +1,18 @@
+"""Rule sample_few_shot: k examples per class of the training split (adaptune.data)."""
+
+from typing import TYPE_CHECKING
+
+from adaptune.data import run_sample_few_shot
+from adaptune.logs import to_log_file
+from adaptune.settings import parse_shots
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+with to_log_file(snakemake.log[0]):
+    run_sample_few_shot(
+        snakemake.input.train,
+        parse_shots(snakemake.wildcards.shots),
+        snakemake.params.seed,
+        snakemake.output.train,
+    )

@@ -1,0 +1,24 @@
+"""Rule score_importance: importance per parameter tensor and per layer (adaptune.importance)."""
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from adaptune.importance import run_score_importance
+from adaptune.logs import to_log_file
+from adaptune.settings import ImportanceSettings
+
+if TYPE_CHECKING:
+    from snakemake.script import snakemake
+
+with to_log_file(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    run_score_importance(
+        snakemake.input.train,
+        snakemake.input.info,
+        snakemake.params.model,
+        ImportanceSettings.from_config(snakemake.params.importance),
+        snakemake.output.scores,
+        snakemake.output.layers,
+        snakemake.output.heatmap,
+    )

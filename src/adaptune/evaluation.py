@@ -1,0 +1,168 @@
+"""Test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, num_labels: int
+) -> dict[str, float]:
+    """Accuracy and macro-F1 over all ``num_labels`` classes (a class never predicted counts
+    with F1 0, not as missing)."""
+    labels = list(range(num_labels))
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
+    }
+
+
+def per_class_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]
+) -> pd.DataFrame:
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(label_names))), zero_division=0
+    )
+    return pd.DataFrame(
+        {
+            "label": label_names,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+        }
+    )
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]) -> pd.DataFrame:
+    """Confusion counts: rows are true classes, columns predicted classes."""
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(label_names))))
+    return pd.DataFrame(
+        matrix,
+        index=pd.Index(label_names, name="true"),
+        columns=pd.Index(label_names, name="predicted"),
+    )
+
+
+def plot_confusion(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
+    """Row-normalised confusion matrix with the counts written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = matrix.to_numpy()
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.5, 0.6 * len(matrix) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(matrix)), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(matrix)), matrix.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(matrix) <= 25:
+        for (row, col), count in np.ndenumerate(counts):
+            ax.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[row, col] > 0.5 else "black",
+            )
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def evaluate_predictions(
+    y_true: np.ndarray, logits: np.ndarray, label_names: Sequence[str]
+) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Test metrics (``test_accuracy``, ``test_macro_f1``, ``test_loss`` and per class), the
+    per-class table and the confusion matrix."""
+    import torch
+
+    y_pred = logits.argmax(axis=1)
+    overall = classification_metrics(y_true, y_pred, len(label_names))
+    per_class = per_class_metrics(y_true, y_pred, label_names)
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true))
+    metrics = {
+        "test_accuracy": overall["accuracy"],
+        "test_macro_f1": overall["macro_f1"],
+        "test_loss": float(loss),
+        "test_examples": len(y_true),
+        "per_class": per_class.set_index("label").to_dict(orient="index"),
+    }
+    return metrics, per_class, confusion(y_true, y_pred, label_names)
+
+
+def run_evaluate(
+    model_dir: str,
+    test_path: str,
+    data_info_path: str,
+    summary_path: str,
+    run_id_path: str,
+    experiment_path: str,
+    device: str,
+    batch_size: int,
+    precision: str,
+    outputs: dict[str, str],
+) -> dict:
+    """The ``evaluate`` stage: test metrics of the fine-tuned model, logged into the same MLflow
+    run as its training."""
+    import json
+
+    from adaptune import tracking
+    from adaptune.data import read_data_info, read_split
+    from adaptune.models import load_finetuned
+    from adaptune.tracking import metric_name
+    from adaptune.training import predict, select_device
+
+    info = read_data_info(data_info_path)
+    summary = json.loads(Path(summary_path).read_text())
+    test = read_split(test_path)
+    torch_device = select_device(device)
+    model = load_finetuned(model_dir).to(torch_device)
+    logits = predict(model, test, batch_size, info["pad_token_id"], torch_device, precision)
+    metrics, per_class, matrix = evaluate_predictions(
+        test["label_id"].to_numpy(), logits, info["labels"]
+    )
+    metrics = {**summary, **metrics}
+    Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
+    per_class.to_csv(outputs["per_class"], index=False)
+    matrix.to_csv(outputs["confusion"])
+    title = (
+        f"{summary['strategy']}, {summary['shots']} shots, seed {summary['seed']}: "
+        f"macro-F1 {metrics['test_macro_f1']:.3f}"
+    )
+    plot_confusion(matrix, outputs["confusion_png"], title)
+    experiment = tracking.read_experiment(experiment_path)
+    run_id = Path(run_id_path).read_text().strip()
+    with tracking.mlflow_run(experiment, run_id=run_id):
+        tracking.log_metrics(
+            {k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")}
+        )
+        tracking.log_metrics(
+            {
+                f"test_f1_{metric_name(label)}": row["f1"]
+                for label, row in metrics["per_class"].items()
+            }
+        )
+        for key in ("metrics", "per_class", "confusion", "confusion_png"):
+            tracking.log_artifact(outputs[key], "evaluation")
+    return metrics

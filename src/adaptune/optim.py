@@ -1,0 +1,104 @@
+"""Plan -> parameter groups -> torch optimizer, in one place (after timm's ``_param_groups.py``).
+
+Frozen tensors get ``requires_grad=False`` and join no group, so they take no gradient and no
+optimizer state. Trainable tensors are grouped by (lr multiplier, weight decay): one group per
+distinct pair, never one per tensor. Each group's ``lr`` is ``base lr x multiplier``; the
+multiplier and the tensor names are kept in the group for schedulers and logging. The training
+loop never looks at names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptune.errors import PlanError
+from adaptune.plans import Plan
+from adaptune.settings import TrainSettings
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> None:
+    """Set ``requires_grad`` of every parameter from the plan; the plan must name exactly the
+    model's parameters."""
+    params = dict(model.named_parameters())
+    planned = {t.name for t in plan.tensors}
+    missing, extra = sorted(set(params) - planned), sorted(planned - set(params))
+    if missing or extra:
+        raise PlanError(
+            f"plan {plan.strategy!r} does not match the model: not in the plan {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, not in the model {extra[:5]}"
+            f"{'...' if len(extra) > 5 else ''}. Was the plan made for another model? "
+            "Rerun score_importance and make_freeze_plan."
+        )
+    for tensor in plan.tensors:
+        params[tensor.name].requires_grad_(not tensor.frozen)
+
+
+def param_groups(
+    model: nn.Module, plan: Plan, weight_decay: float, decay_norm_and_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups from a plan (applies the plan to ``model`` first).
+
+    No weight decay for tensors of one dimension or fewer (biases, norm scales) unless
+    ``decay_norm_and_bias``.
+    """
+    apply_plan(model, plan)
+    params = dict(model.named_parameters())
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for tensor in plan.tensors:
+        if tensor.frozen:
+            continue
+        param = params[tensor.name]
+        decay = weight_decay if (param.ndim > 1 or decay_norm_and_bias) else 0.0
+        group = groups.setdefault(
+            (tensor.lr_multiplier, decay),
+            {
+                "params": [],
+                "names": [],
+                "lr_multiplier": tensor.lr_multiplier,
+                "weight_decay": decay,
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(tensor.name)
+    if not groups:
+        raise PlanError(f"plan {plan.strategy!r} freezes every tensor: nothing would train")
+    return list(groups.values())
+
+
+def build_optimizer(
+    groups: Sequence[dict[str, Any]], settings: TrainSettings
+) -> torch.optim.Optimizer:
+    """The torch optimizer named by ``train.optimizer`` over the groups, each at
+    ``lr x lr_multiplier``."""
+    groups = [{**g, "lr": settings.lr * g["lr_multiplier"]} for g in groups]
+    name = settings.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=settings.lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=settings.lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=settings.lr, momentum=settings.momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def warmup_linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero. The factor
+    scales every group's own lr, so multipliers hold throughout."""
+    warmup = round(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,150 @@
+"""The leaderboard: one row per (strategy, shots, seed), and a summary over seeds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+LEADERBOARD_COLUMNS = [
+    "strategy",
+    "shots",
+    "seed",
+    "test_accuracy",
+    "test_macro_f1",
+    "trainable_params",
+    "trainable_fraction",
+    "train_seconds",
+    "best_epoch",
+    "best_val_macro_f1",
+    "test_loss",
+    "test_examples",
+    "mlflow_run_id",
+]
+
+
+def _shots_order(shots: pd.Series) -> pd.Series:
+    """Sort key: numeric shot counts ascending, ``all`` last."""
+    return shots.map(lambda s: float("inf") if str(s) == "all" else float(s))
+
+
+def leaderboard(metric_files: Iterable[str | Path]) -> pd.DataFrame:
+    """Collect every run's ``metrics.json`` (written by ``evaluate``) into one table, best
+    macro-F1 first within each shot count."""
+    rows = [json.loads(Path(path).read_text()) for path in metric_files]
+    table = pd.DataFrame(rows)
+    table = table[[c for c in LEADERBOARD_COLUMNS if c in table.columns]]
+    table["shots"] = table["shots"].astype(str)
+    return (
+        table.assign(_order=_shots_order(table["shots"]))
+        .sort_values(
+            ["_order", "test_macro_f1", "strategy", "seed"], ascending=[True, False, True, True]
+        )
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+
+
+def summarise(board: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds for each (shots, strategy)."""
+    grouped = board.groupby(["shots", "strategy"], sort=False)
+    summary = grouped.agg(
+        seeds=("seed", "nunique"),
+        test_macro_f1_mean=("test_macro_f1", "mean"),
+        test_macro_f1_std=("test_macro_f1", "std"),
+        test_accuracy_mean=("test_accuracy", "mean"),
+        test_accuracy_std=("test_accuracy", "std"),
+        trainable_fraction=("trainable_fraction", "mean"),
+        train_seconds_mean=("train_seconds", "mean"),
+    ).reset_index()
+    summary = summary.fillna({"test_macro_f1_std": 0.0, "test_accuracy_std": 0.0})
+    return (
+        summary.assign(_order=_shots_order(summary["shots"]))
+        .sort_values(["_order", "test_macro_f1_mean"], ascending=[True, False])
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )
+
+
+def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> str:
+    lines = [f"# Leaderboard: {experiment}", "", "## Mean ± std over seeds", ""]
+    lines += [
+        "| shots | strategy | seeds | test macro-F1 | test accuracy | trainable | train s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary.itertuples(index=False):
+        lines.append(
+            f"| {r.shots} | {r.strategy} | {r.seeds} | {r.test_macro_f1_mean:.4f} ± "
+            f"{r.test_macro_f1_std:.4f} | {r.test_accuracy_mean:.4f} ± {r.test_accuracy_std:.4f} "
+            f"| {r.trainable_fraction:.2%} | {r.train_seconds_mean:.1f} |"
+        )
+    lines += ["", "## Every run", ""]
+    lines += [
+        "| shots | strategy | seed | test macro-F1 | test accuracy | trainable params | "
+        "trainable | train s | best epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in board.itertuples(index=False):
+        lines.append(
+            f"| {r.shots} | {r.strategy} | {r.seed} | {r.test_macro_f1:.4f} | "
+            f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {r.trainable_fraction:.2%} | "
+            f"{r.train_seconds:.1f} | {r.best_epoch} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -> None:
+    """Test macro-F1 (mean ± std over seeds) per strategy, one panel per shot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shot_values = list(dict.fromkeys(summary["shots"]))
+    fig, axes = plt.subplots(
+        1,
+        len(shot_values),
+        figsize=(4.5 * len(shot_values) + 1, 3.2 + 0.3 * summary["strategy"].nunique()),
+        squeeze=False,
+        sharex=True,
+    )
+    for ax, shots in zip(axes[0], shot_values, strict=True):
+        part = summary[summary["shots"] == shots].sort_values("test_macro_f1_mean")
+        ax.barh(
+            part["strategy"],
+            part["test_macro_f1_mean"],
+            xerr=part["test_macro_f1_std"],
+            color="tab:blue",
+            alpha=0.8,
+            capsize=3,
+        )
+        for y, (value, fraction) in enumerate(
+            zip(part["test_macro_f1_mean"], part["trainable_fraction"], strict=True)
+        ):
+            ax.text(
+                min(value, 1.0) + 0.01,
+                y,
+                f"{value:.3f} ({fraction:.1%} trained)",
+                va="center",
+                fontsize=8,
+            )
+        ax.set_xlim(0, 1.35)
+        ax.set_title(f"{shots} shots per class")
+        ax.set_xlabel("test macro-F1 (mean ± std over seeds)")
+    fig.suptitle(experiment)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run_report(metric_files: list[str], experiment: str, outputs: dict[str, str]) -> pd.DataFrame:
+    """The ``report`` stage: leaderboard CSV and markdown, summary over seeds, and a plot."""
+    board = leaderboard(metric_files)
+    summary = summarise(board)
+    board.to_csv(outputs["leaderboard"], index=False)
+    summary.to_csv(outputs["summary"], index=False)
+    Path(outputs["markdown"]).write_text(to_markdown(board, summary, experiment))
+    plot_leaderboard(summary, outputs["plot"], experiment)
+    return board

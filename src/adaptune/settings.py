@@ -1,0 +1,222 @@
+"""Typed settings built from the validated config: one place says what each setting means.
+
+``config/schema.yaml`` documents every key for users and Snakemake fills in its defaults; these
+dataclasses carry the same defaults (a test keeps the two in step) so that the package can be used
+without Snakemake, and their ``__post_init__`` checks raise a :class:`ConfigError` that names
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from adaptune.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+IMPORTANCE_METRICS = ("weight_l1", "weight_l2", "grad_norm")
+STRATEGY_KINDS = ("full", "head_only")
+# Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
+OVERRIDABLE_TRAIN_KEYS = (
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "decay_norm_and_bias",
+    "epochs",
+    "batch_size",
+    "eval_batch_size",
+    "warmup_ratio",
+    "max_grad_norm",
+)
+
+
+T = TypeVar("T")
+
+
+def _from_mapping(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from a config section, naming unknown keys."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+def _check_range(where: str, value: float, low: float | None, high: float | None) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{where} = {value!r} is outside [{low}, {high}]")
+
+
+def parse_shots(value: int | str) -> int | None:
+    """``16`` or ``"16"`` -> 16; ``"all"`` -> None (the whole training split)."""
+    if value == "all":
+        return None
+    try:
+        shots = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"data.shots: {value!r} is neither a positive integer nor 'all'"
+        ) from None
+    if shots < 1:
+        raise ConfigError(f"data.shots: {value!r} must be at least 1")
+    return shots
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the labelled examples come from and how they are split (``data:``)."""
+
+    source: str
+    text_column: str = "text"
+    label_column: str = "label"
+    shots: list[int | str] = field(default_factory=lambda: [16])
+    val_size: float = 0.1
+    test_size: float = 0.2
+    max_length: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not any(self.source.startswith(p) for p in ("bundled:", "csv:", "parquet:", "hf:")):
+            raise ConfigError(
+                f"data.source = {self.source!r}: use bundled:bbc-news, csv:PATH, parquet:PATH "
+                "or hf:NAME"
+            )
+        _check_range("data.val_size", self.val_size, 0, 1)
+        _check_range("data.test_size", self.test_size, 0, 1)
+        if self.val_size + self.test_size >= 1:
+            raise ConfigError(
+                f"data.val_size + data.test_size = {self.val_size + self.test_size} leaves no "
+                "training examples; make their sum less than 1"
+            )
+        for shots in self.shots:
+            parse_shots(shots)
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length = {self.max_length} is too short (at least 8)")
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> Self:
+        return _from_mapping(cls, data, "data")
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    """How importance is scored (``importance:``)."""
+
+    metrics: list[str] = field(default_factory=lambda: list(IMPORTANCE_METRICS))
+    batches: int = 4
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in IMPORTANCE_METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(
+                f"importance.metrics: unknown or empty {unknown or self.metrics}; "
+                f"allowed: {', '.join(IMPORTANCE_METRICS)}"
+            )
+        if self.batches < 1 or self.batch_size < 1:
+            raise ConfigError("importance.batches and importance.batch_size must be at least 1")
+
+    @classmethod
+    def from_config(cls, importance: Mapping[str, Any] | None) -> Self:
+        return _from_mapping(cls, importance, "importance")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one run trains (``train:``, with a strategy's ``train:`` overrides applied)."""
+
+    optimizer: str = "adamw"
+    lr: float = 5e-5
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    decay_norm_and_bias: bool = False
+    epochs: int = 10
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"train.optimizer = {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
+            )
+        _check_range("train.lr", self.lr, 0, None)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr = {self.lr} must be positive")
+        _check_range("train.momentum", self.momentum, 0, 1)
+        _check_range("train.weight_decay", self.weight_decay, 0, None)
+        _check_range("train.warmup_ratio", self.warmup_ratio, 0, 1)
+        _check_range("train.max_grad_norm", self.max_grad_norm, 0, None)
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} = {getattr(self, key)!r} must be an integer >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision = {self.precision!r}; allowed: auto, fp32, bf16")
+
+    @classmethod
+    def from_config(
+        cls,
+        train: Mapping[str, Any] | None,
+        overrides: Mapping[str, Any] | None = None,
+        strategy: str = "",
+    ) -> Self:
+        """Shared ``train:`` settings with one strategy's ``train:`` overrides on top."""
+        overrides = dict(overrides or {})
+        bad = sorted(set(overrides) - set(OVERRIDABLE_TRAIN_KEYS))
+        if bad:
+            raise ConfigError(
+                f"strategies.{strategy}.train: {', '.join(bad)} cannot differ per strategy; "
+                f"allowed: {', '.join(OVERRIDABLE_TRAIN_KEYS)}"
+            )
+        try:
+            return _from_mapping(cls, {**dict(train or {}), **overrides}, "train")
+        except ConfigError as err:
+            if overrides:
+                raise ConfigError(f"{err} (with the overrides of strategies.{strategy})") from None
+            raise
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """One entry of ``strategies:``: how its freeze plan is made."""
+
+    kind: str
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRATEGY_KINDS:
+            raise ConfigError(
+                f"strategy kind {self.kind!r} is unknown; allowed: {', '.join(STRATEGY_KINDS)}"
+            )
+
+    @classmethod
+    def from_config(cls, name: str, spec: Mapping[str, Any]) -> Self:
+        try:
+            return _from_mapping(cls, spec, f"strategies.{name}")
+        except ConfigError as err:
+            raise ConfigError(f"strategies.{name}: {err}") from None
+
+
+def write_settings(path: str | Path, **sections: Any) -> None:
+    """Write resolved settings (dataclasses or plain values) as JSON next to a stage's outputs,
+    the way timm's train.py writes args.yaml."""
+    resolved = {
+        name: asdict(value) if dataclasses.is_dataclass(value) else value  # type: ignore[arg-type]
+        for name, value in sections.items()
+    }
+    Path(path).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
