@@ -275,7 +275,7 @@ def iterate_batches(
         attention_mask = torch.zeros((len(chosen), longest), dtype=torch.long)
         for row, i in enumerate(chosen):
             n = len(ids[i])
-            input_ids[row, :n] = torch.as_tensor(ids[i], dtype=torch.long)
+            input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
             attention_mask[row, :n] = 1
         yield {
             "input_ids": input_ids,

@@ -100,7 +100,7 @@ def evaluate_predictions(
     y_pred = logits.argmax(axis=1)
     overall = classification_metrics(y_true, y_pred, len(label_names))
     per_class = per_class_metrics(y_true, y_pred, label_names)
-    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true))
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.tensor(y_true))
     metrics = {
         "test_accuracy": overall["accuracy"],
         "test_macro_f1": overall["macro_f1"],

@@ -148,7 +148,7 @@ def finetune(
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
             "val_loss": float(
-                nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(labels))
+                nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.tensor(labels))
             ),
             "val_accuracy": scores["accuracy"],
             "val_macro_f1": scores["macro_f1"],

@@ -1,0 +1,141 @@
+"""Shared fixtures: a tiny BERT the tests build themselves, small real data, and a helper that
+runs the workflow in a copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-block BERT (hidden size 32) with the bundled MiniLM tokenizer,
+    saved as a Hugging Face folder without a classification head, like a pretrained encoder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from adaptune.models import resolve_model
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled:all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def bbc_sample_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 real BBC News articles per topic, with other column names than the default ones."""
+    from adaptune.data import load_bbc_news
+
+    frame = load_bbc_news().groupby("label").head(24)
+    frame["text"] = frame["text"].str.slice(0, 400)
+    path = tmp_path_factory.mktemp("data") / "news.csv"
+    frame.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
+    return path
+
+
+def tiny_batches(model_dir: Path, labels: int = 3, count: int = 2, size: int = 4) -> list[dict]:
+    """Random token batches for a model of the tiny BERT's vocabulary."""
+    generator = torch.Generator().manual_seed(1)
+    return [
+        {
+            "input_ids": torch.randint(5, 1000, (size, 12), generator=generator),
+            "attention_mask": torch.ones(size, 12, dtype=torch.long),
+            "labels": torch.randint(0, labels, (size,), generator=generator),
+        }
+        for _ in range(count)
+    ]
+
+
+class Workflow:
+    """A copy of the workflow in a temporary folder, with its own config and results."""
+
+    def __init__(self, root: Path, config: dict) -> None:
+        self.root = root
+        for name in WORKFLOW_FILES:
+            source = REPO / name
+            if source.is_dir():
+                shutil.copytree(source, root / name)
+            else:
+                shutil.copy(source, root / name)
+        self.write_config(config)
+
+    def write_config(self, config: dict) -> None:
+        (self.root / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def config(self) -> dict:
+        return yaml.safe_load((self.root / "config" / "config.yaml").read_text())
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run snakemake as a subprocess (so that the workflow profile applies)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def dry_run_jobs(self, *args: str) -> dict[str, int]:
+        """Jobs a dry run would execute, by rule, from its "Job stats" table: {} for none."""
+        lines = self.run("-n", *args).stdout.splitlines()
+        if "Job stats:" not in lines:
+            assert "Nothing to be done" in "\n".join(lines), lines[-20:]
+            return {}
+        jobs: dict[str, int] = {}
+        for line in lines[lines.index("Job stats:") + 3 :]:
+            if not line.strip() or line.startswith("total"):
+                break
+            rule, count = line.split()
+            jobs[rule] = int(count)
+        return jobs
+
+    def results(self, experiment: str) -> Path:
+        return self.root / "results" / experiment
+
+
+def tiny_config(model_dir: Path, experiment: str = "tiny", **data: object) -> dict:
+    """A config that runs every stage in seconds: the tiny BERT on 4 real articles per class."""
+    return {
+        "experiment": experiment,
+        "data": {"source": "bundled:bbc-news", "shots": [4], "max_length": 32, **data},
+        "model": {"name": f"path:{model_dir}"},
+        "importance": {"batches": 1, "batch_size": 8},
+        "strategies": {
+            "full": {"kind": "full"},
+            "head_only": {"kind": "head_only", "train": {"lr": 1e-3}},
+        },
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 128, "seeds": [0]},
+        "mlflow": {"tracking_uri": "sqlite:///results/mlflow.db"},
+    }
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)

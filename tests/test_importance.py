@@ -1,0 +1,88 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from adaptune.importance import (
+    calibration_batches,
+    layer_table,
+    plot_heatmap,
+    score_model,
+)
+from adaptune.models import load_model
+
+from .conftest import tiny_batches
+
+METRICS = ["weight_l1", "weight_l2", "grad_norm"]
+
+
+@pytest.fixture(scope="module")
+def task(tiny_bert_dir):
+    return load_model(f"path:{tiny_bert_dir}", ["a", "b", "c"], seed=0)
+
+
+def test_grad_norm_matches_plain_autograd(task, tiny_bert_dir):
+    batches = tiny_batches(tiny_bert_dir)
+    table, _ = score_model(task.model, task.head, batches, ["grad_norm"])
+    model = task.model.eval()
+    inputs = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(logits, inputs["labels"])
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected = [0.0 if g is None else float(g.norm()) for g in grads]
+    np.testing.assert_allclose(table["grad_norm"], expected, rtol=1e-4, atol=1e-9)
+    assert table.loc[table["is_head"], "grad_norm"].gt(0).all()
+
+
+def test_scoring_changes_nothing_and_is_deterministic(task, tiny_bert_dir):
+    model = task.model
+    model.train()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first, seconds = score_model(model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert model.training and not model.bert.embeddings.word_embeddings.weight.requires_grad
+    second, _ = score_model(model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    pd.testing.assert_frame_equal(first, second)
+    assert set(seconds) == set(METRICS)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+
+
+def test_score_table_columns_and_ranks(task, tiny_bert_dir):
+    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    assert len(table) == len(list(task.model.parameters()))
+    for metric in METRICS:
+        assert {metric, f"{metric}_per_element", f"{metric}_rank"} <= set(table.columns)
+        assert table[f"{metric}_rank"].between(0, 1).all()
+        top = table.loc[table[f"{metric}_per_element"].idxmax()]
+        assert top[f"{metric}_rank"] == table[f"{metric}_rank"].max()  # ties share their rank
+    weights = dict(task.model.named_parameters())
+    row = table.set_index("name").loc["bert.encoder.layer.0.attention.self.query.weight"]
+    w = weights["bert.encoder.layer.0.attention.self.query.weight"].detach()
+    assert row["weight_l1_per_element"] == pytest.approx(float(w.abs().mean()), rel=1e-5)
+    assert row["weight_l2_per_element"] == pytest.approx(float(w.pow(2).mean().sqrt()), rel=1e-5)
+
+
+def test_layer_table_aggregates_by_metric_kind(task, tiny_bert_dir):
+    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    layers = layer_table(table).set_index("layer")
+    block = [p for n, p in task.model.named_parameters() if n.startswith("bert.encoder.layer.1.")]
+    flat = torch.cat([p.detach().flatten() for p in block])
+    assert layers.loc["block02", "weight_l1"] == pytest.approx(float(flat.abs().sum()), rel=1e-5)
+    assert layers.loc["block02", "weight_l2"] == pytest.approx(float(flat.norm()), rel=1e-5)
+    assert layers.loc["block02", "numel"] == flat.numel()
+    assert list(layers.index) == ["input", "block01", "block02", "output", "head"]
+
+
+def test_heatmap_is_written(task, tiny_bert_dir, tmp_path):
+    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    plot_heatmap(layer_table(table), tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 10_000
+
+
+def test_calibration_batches_cycle_a_small_split():
+    frame = pd.DataFrame({"input_ids": [np.array([i + 1]) for i in range(5)], "label_id": range(5)})
+    batches = calibration_batches(frame, count=3, batch_size=4, pad_token_id=0, seed=0)
+    assert [len(b["labels"]) for b in batches] == [4, 4, 4]
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert sorted(labels[:5]) == [0, 1, 2, 3, 4]

@@ -1,0 +1,198 @@
+"""The Snakefile end to end on a tiny BERT and real BBC News articles, then what reruns when the
+config changes (dry runs against the finished results)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from .conftest import Workflow, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+PARALLEL = ("--cores", "4", "--set-threads", "finetune=1", "evaluate=1", "score_importance=1")
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory, tiny_bert_dir) -> Workflow:
+    config = tiny_config(tiny_bert_dir)
+    config["train"]["seeds"] = [0, 1]
+    flow = Workflow(tmp_path_factory.mktemp("workflow"), config)
+    flow.run(*PARALLEL)  # four finetune jobs at once write to one new SQLite store
+    return flow
+
+
+@pytest.fixture
+def changed(workflow):
+    """Change the config for one test; the original comes back afterwards."""
+    original = workflow.config
+
+    def change(edit):
+        config = workflow.config
+        edit(config)
+        workflow.write_config(config)
+        return workflow.dry_run_jobs()
+
+    yield change
+    workflow.write_config(original)
+
+
+def dry_run_jobs(flow: Workflow) -> dict[str, int]:
+    return flow.dry_run_jobs()
+
+
+def test_leaderboard_has_every_run_with_real_metrics(workflow):
+    report = workflow.results("tiny") / "report"
+    board = pd.read_csv(report / "leaderboard.csv")
+    assert sorted(zip(board["strategy"], board["seed"], strict=True)) == [
+        ("full", 0),
+        ("full", 1),
+        ("head_only", 0),
+        ("head_only", 1),
+    ]
+    for column in ("test_accuracy", "test_macro_f1", "trainable_fraction"):
+        assert board[column].between(0, 1).all()
+    assert (board["test_examples"] == 445).all()  # 20% of the 2,225 articles
+    head_only = board[board["strategy"] == "head_only"]
+    assert (head_only["trainable_params"] == 32 * 5 + 5).all()
+    assert (board.loc[board["strategy"] == "full", "trainable_fraction"] == 1.0).all()
+    assert "± " in (report / "leaderboard.md").read_text()
+    assert (report / "leaderboard.png").stat().st_size > 10_000
+
+
+def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
+    results = workflow.results("tiny")
+    info = json.loads((results / "data/data.json").read_text())
+    assert info["num_labels"] == 5 and len(info["fingerprint"]) == 64
+    few = pd.read_parquet(results / "data/train_k4.parquet")
+    assert few["label"].value_counts().eq(4).all()
+    scores = pd.read_parquet(results / "importance/k4/scores.parquet")
+    assert set(scores["layer"]) == {"input", "block01", "block02", "output", "head"}
+    assert (results / "importance/k4/heatmap.png").stat().st_size > 10_000
+    plan = json.loads((results / "plans/k4/head_only.json").read_text())
+    assert [t["name"] for t in plan["tensors"] if not t["frozen"]] == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
+    run = results / "runs/full/k4/seed0"
+    assert (run / "model/model.safetensors").is_file()
+    assert len(pd.read_csv(run / "history.csv")) == 1
+    assert (run / "confusion.png").stat().st_size > 5_000
+    for rule in ("prepare_data", "score_importance", "finetune", "evaluate", "report"):
+        assert list((results / "benchmarks").rglob(f"{rule}*")), rule
+        assert list((results / "logs").rglob(f"{rule}*")), rule
+
+
+def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
+    import mlflow
+
+    db = workflow.root / "results/mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        params, metrics = run.data.params, run.data.metrics
+        assert {
+            "model",
+            "optimizer",
+            "lr",
+            "epochs",
+            "batch_size",
+            "shots",
+            "seed",
+            "strategy",
+            "trainable_fraction",
+        } <= set(params)
+        assert {"test_accuracy", "test_macro_f1", "val_macro_f1", "train_loss"} <= set(metrics)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"head_only.json", "full.json"} & artifacts and "scores.parquet" in artifacts
+        evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert "evaluation/confusion.png" in evaluation
+    connection = sqlite3.connect(db)
+    assert connection.execute("select count(*) from runs").fetchone()[0] == 4
+
+
+def test_a_second_run_has_nothing_to_do(workflow):
+    assert dry_run_jobs(workflow) == {}
+
+
+def test_changing_the_learning_rate_reruns_only_training_and_after(changed):
+    jobs = changed(lambda c: c["train"].update(lr=1e-4))
+    assert jobs == {"finetune": 4, "evaluate": 4, "report": 1, "all": 1}
+
+
+def test_a_strategy_override_reruns_only_that_strategy(changed):
+    jobs = changed(lambda c: c["strategies"]["head_only"]["train"].update(lr=5e-3))
+    assert jobs == {"finetune": 2, "evaluate": 2, "report": 1, "all": 1}
+
+
+def test_changing_importance_does_not_rerun_data_preparation(changed):
+    jobs = changed(lambda c: c["importance"].update(batches=2))
+    assert jobs == {
+        "score_importance": 1,
+        "make_freeze_plan": 2,
+        "finetune": 4,
+        "evaluate": 4,
+        "report": 1,
+        "all": 1,
+    }
+
+
+def test_a_new_shot_count_only_adds_its_jobs(changed):
+    jobs = changed(lambda c: c["data"].update(shots=[4, 8]))
+    assert jobs == {
+        "sample_few_shot": 1,
+        "score_importance": 1,
+        "make_freeze_plan": 2,
+        "finetune": 4,
+        "evaluate": 4,
+        "report": 1,
+        "all": 1,
+    }
+
+
+def test_a_new_seed_only_adds_its_runs(changed):
+    jobs = changed(lambda c: c["train"].update(seeds=[0, 1, 2]))
+    assert jobs == {"finetune": 2, "evaluate": 2, "report": 1, "all": 1}
+
+
+def test_changing_the_data_split_reruns_everything_downstream(changed):
+    jobs = changed(lambda c: c["data"].update(val_size=0.15))
+    assert jobs["prepare_data"] == 1 and jobs["finetune"] == 4
+
+
+def test_rerunning_evaluate_logs_into_the_same_mlflow_run(workflow):
+    import mlflow
+
+    workflow.run("--cores", "2", "--forcerun", "evaluate", "--until", "evaluate")
+    client = mlflow.MlflowClient(f"sqlite:///{workflow.root / 'results/mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 4
+    history = client.get_metric_history(runs[0].info.run_id, "test_accuracy")
+    assert len(history) == 2 and history[0].value == history[1].value
+
+
+def test_a_config_error_names_the_key(changed, workflow):
+    config = workflow.config
+    config["train"]["optimizer"] = "lion"
+    workflow.write_config(config)
+    result = workflow.run("-n", check=False)
+    assert result.returncode != 0
+    assert "lion" in result.stderr + result.stdout and "optimizer" in result.stderr + result.stdout
+
+
+def test_bad_data_stops_with_a_message_naming_the_column(tmp_path, tiny_bert_dir, bbc_sample_csv):
+    config = tiny_config(tiny_bert_dir, experiment="bad", source=f"csv:{bbc_sample_csv}")
+    flow = Workflow(tmp_path, config)
+    result = flow.run("--cores", "1", "results/bad/data/data.json", check=False)
+    assert result.returncode != 0
+    log = (flow.results("bad") / "logs/prepare_data.log").read_text()
+    assert "no column(s) ['text', 'label']" in log and "'body', 'topic'" in log
+    assert not (flow.results("bad") / "data/data.json").exists()
