@@ -41,8 +41,10 @@ def data_settings(wildcards=None):
     return {key: value for key, value in config["data"].items() if key != "shots"}
 
 
-def strategy_spec(wildcards):
-    return config["strategies"][wildcards.strategy]
+def plan_settings(wildcards):
+    """A strategy's plan settings: its entry without the training overrides."""
+    spec = config["strategies"][wildcards.strategy]
+    return {key: value for key, value in spec.items() if key != "train"}
 
 
 def train_settings(wildcards):

@@ -11,6 +11,6 @@ rule make_freeze_plan:
     conda:
         ENV
     params:
-        strategy=strategy_spec,
+        strategy=plan_settings,
     script:
         "../scripts/make_freeze_plan.py"

@@ -34,7 +34,8 @@ def test_bundled_minilm_end_to_end(tmp_path):
     results = flow.results("minilm")
 
     scores = pd.read_parquet(results / "importance/k4/scores.parquet")
-    assert len(scores) == 103 and scores["numel"].sum() == 22_713_216 + 384 * 5 + 5
+    # 103 pretrained tensors (22,713,216 weights) and the new 5-class head on 384 features
+    assert len(scores) == 105 and scores["numel"].sum() == 22_713_216 + 384 * 5 + 5
     layers = scores.drop_duplicates("layer_index").sort_values("layer_index")["layer"]
     assert list(layers) == ["input", *(f"block0{i}" for i in range(1, 7)), "output", "head"]
 

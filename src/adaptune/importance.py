@@ -175,38 +175,40 @@ def layer_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_heatmap(layers: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Metric x layer heatmap of per-element scores, each metric scaled to its largest layer."""
+    """Metric x layer heatmap of per-element scores relative to each metric's largest layer.
+
+    The colour scale is logarithmic (1 down to 1e-3 and below): the new head's gradient is often
+    orders of magnitude above the body's, and a linear scale would hide the body's ordering.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     metrics = metric_columns(layers)
-    values = np.vstack(
+    relative = np.vstack(
         [
             layers[f"{m}_per_element"].to_numpy() / max(layers[f"{m}_per_element"].max(), 1e-300)
             for m in metrics
         ]
     )
-    width = max(6.0, 0.55 * len(layers) + 2.5)
-    fig, ax = plt.subplots(figsize=(width, 0.6 * len(metrics) + 2.2))
-    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    floor = 1e-3
+    width = max(6.0, 0.6 * len(layers) + 2.5)
+    fig, ax = plt.subplots(figsize=(width, 0.55 * len(metrics) + 2.2))
+    image = ax.imshow(
+        np.clip(relative, floor, 1), aspect="auto", cmap="viridis", norm=LogNorm(floor, 1)
+    )
     ax.set_xticks(range(len(layers)), layers["layer"], rotation=45, ha="right")
     ax.set_yticks(range(len(metrics)), metrics)
     if len(layers) <= 30:
-        for (row, col), value in np.ndenumerate(values):
-            ax.text(
-                col,
-                row,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if value < 0.6 else "black",
-            )
+        for (row, col), value in np.ndenumerate(relative):
+            text = f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
+            color = "white" if value < 0.1 else "black"
+            ax.text(col, row, text, ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("layer (forward order)")
-    ax.set_title(title or "Per-element importance by layer (1 = the metric's largest layer)")
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="relative score")
+    ax.set_title(title or "Per-element importance by layer")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="relative to the metric's top layer")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

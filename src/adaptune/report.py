@@ -25,6 +25,11 @@ LEADERBOARD_COLUMNS = [
 ]
 
 
+def percent(fraction: float) -> str:
+    """0.0000847 -> '0.00847%', 1.0 -> '100%': three significant digits at any scale."""
+    return f"{100 * fraction:.3g}%"
+
+
 def _shots_order(shots: pd.Series) -> pd.Series:
     """Sort key: numeric shot counts ascending, ``all`` last."""
     return shots.map(lambda s: float("inf") if str(s) == "all" else float(s))
@@ -78,7 +83,7 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
         lines.append(
             f"| {r.shots} | {r.strategy} | {r.seeds} | {r.test_macro_f1_mean:.4f} ± "
             f"{r.test_macro_f1_std:.4f} | {r.test_accuracy_mean:.4f} ± {r.test_accuracy_std:.4f} "
-            f"| {r.trainable_fraction:.2%} | {r.train_seconds_mean:.1f} |"
+            f"| {percent(r.trainable_fraction)} | {r.train_seconds_mean:.1f} |"
         )
     lines += ["", "## Every run", ""]
     lines += [
@@ -89,7 +94,7 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
     for r in board.itertuples(index=False):
         lines.append(
             f"| {r.shots} | {r.strategy} | {r.seed} | {r.test_macro_f1:.4f} | "
-            f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {r.trainable_fraction:.2%} | "
+            f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {percent(r.trainable_fraction)} | "
             f"{r.train_seconds:.1f} | {r.best_epoch} |"
         )
     return "\n".join(lines) + "\n"
@@ -120,13 +125,17 @@ def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -
             alpha=0.8,
             capsize=3,
         )
-        for y, (value, fraction) in enumerate(
-            zip(part["test_macro_f1_mean"], part["trainable_fraction"], strict=True)
-        ):
+        rows = zip(
+            part["test_macro_f1_mean"],
+            part["test_macro_f1_std"],
+            part["trainable_fraction"],
+            strict=True,
+        )
+        for y, (value, std, fraction) in enumerate(rows):
             ax.text(
-                min(value, 1.0) + 0.01,
+                min(value + std, 1.0) + 0.02,
                 y,
-                f"{value:.3f} ({fraction:.1%} trained)",
+                f"{value:.3f} ({percent(fraction)} trained)",
                 va="center",
                 fontsize=8,
             )
