@@ -1,22 +1,33 @@
 """Importance of each parameter tensor and each layer for the task at hand.
 
-Each metric is a function ``(model, batches) -> {tensor name: score}`` registered in
-:data:`METRICS` with how it aggregates over a layer. The scoring model is put in **eval mode**:
-dropout is off (scores are deterministic for a fixed seed) and BatchNorm uses its pretrained
-running statistics (calibration batches do not move them). Weights are never changed.
+Metrics (``importance.metrics``), each a function of the model and the calibration batches with
+the estimator and its cost in its docstring:
+
+- ``weight_l1``, ``weight_l2``: norms of the pretrained weights;
+- ``grad_norm``: norm of the task-loss gradient (the new head included, as in practice);
+- ``fisher``: diagonal empirical Fisher information, from per-example gradients (torch.func);
+- ``hessian_trace``: Hutchinson estimate of the trace of the loss Hessian, with standard error;
+- ``depth``: a structural prior from the layer's position in the network;
+- ``combined``: a weighted mean of the other metrics' ranks.
+
+The scoring model is put in **eval mode**: dropout is off, so scores are deterministic for a
+fixed seed, and BatchNorm normalises with its pretrained running statistics, which calibration
+batches do not move. Weights are never changed.
 
 The score table has one row per tensor: ``name, shape, numel, layer, layer_index, layer_kind,
 module, is_head``, then for each metric ``<metric>`` (raw), ``<metric>_per_element`` (so large
 tensors do not win by size alone) and ``<metric>_rank`` (percentile of the per-element score in
-the model, 1 = most important).
+the model, 1 = most important); Monte Carlo metrics add ``<metric>_se`` (standard error) and
+``<metric>_probes`` (the per-probe estimates).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +36,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from adaptune.layers import assign_layers
+from adaptune.errors import ConfigError
+from adaptune.layers import Layer, assign_layers, relative_depth
 from adaptune.models import forward
 from adaptune.settings import ImportanceSettings
 
@@ -35,27 +47,64 @@ Batch = dict[str, torch.Tensor]
 Scores = dict[str, float]
 
 
+@dataclass
+class Calibration:
+    """What the metrics measure the model on: calibration batches from the few-shot training
+    split, the model's layers, and the estimators' settings. Per-example gradient moments are
+    computed once and shared by ``fisher`` and ``grad_norm`` when both are asked for."""
+
+    batches: Sequence[Batch]
+    layers: dict[str, Layer]
+    probes: int = 4
+    hessian_batches: int = 1
+    chunk_size: int = 8
+    per_example: str = "auto"
+    seed: int = 0
+    share_gradients: bool = False
+    _moments: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    def moments(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if self._moments is None:
+            self._moments = gradient_moments(model, self.batches, self.chunk_size, self.per_example)
+        return self._moments
+
+
+# A metric returns one score per tensor, or, for a Monte Carlo estimator, one estimate per
+# probe per tensor (the table then holds their mean and standard error).
+MetricOutput = dict[str, float] | dict[str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class Metric:
-    """An importance metric. ``aggregate`` says how tensor scores add up to a layer score:
-    ``"sum"`` (additive: L1, Fisher, Hessian trace; per element = value / numel) or ``"l2"``
-    (a Euclidean norm: root of the sum of squares; per element = value / sqrt(numel), an RMS)."""
+    """An importance metric. ``aggregate`` says how tensor scores make a layer score: ``"sum"``
+    (additive: L1, Fisher, Hessian trace; per element = value / numel), ``"l2"`` (a Euclidean
+    norm: root of the sum of squares; per element = value / sqrt(numel), an RMS) or ``"mean"``
+    (a property of the layer, such as its depth; per element = value)."""
 
     name: str
-    compute: Callable[[nn.Module, Sequence[Batch]], Scores]
+    compute: Callable[[nn.Module, Calibration], MetricOutput]
     aggregate: str
 
 
-def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return nn.functional.cross_entropy(forward(model, batch), batch["labels"])
+def _loss(
+    model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    return nn.functional.cross_entropy(forward(model, batch, params), batch["labels"])
 
 
-def weight_l1(model: nn.Module, batches: Sequence[Batch]) -> Scores:
+def _weights(batches: Sequence[Batch]) -> list[float]:
+    """Each batch's share of the calibration examples: the mean loss over their union is the
+    weighted sum of the batch losses."""
+    sizes = [len(b["labels"]) for b in batches]
+    return [size / sum(sizes) for size in sizes]
+
+
+def weight_l1(model: nn.Module) -> Scores:
     """L1 norm of the pretrained weights, sum |w|. Cost: one pass over the weights."""
     return {n: float(p.detach().abs().sum()) for n, p in model.named_parameters()}
 
 
-def weight_l2(model: nn.Module, batches: Sequence[Batch]) -> Scores:
+def weight_l2(model: nn.Module) -> Scores:
     """L2 norm of the pretrained weights, ||w||_2. Cost: one pass over the weights."""
     return {n: float(torch.linalg.vector_norm(p.detach())) for n, p in model.named_parameters()}
 
@@ -63,34 +112,215 @@ def weight_l2(model: nn.Module, batches: Sequence[Batch]) -> Scores:
 def grad_norm(model: nn.Module, batches: Sequence[Batch]) -> Scores:
     """L2 norm of the gradient of the mean task loss over all calibration examples.
 
-    Batches are weighted by their size, so the result is the gradient of the loss over the
-    union of the batches. Cost: one forward and backward pass per batch.
+    Cost: one forward and backward pass per batch.
     """
     params = dict(model.named_parameters())
-    total = torch.zeros((), dtype=torch.float64)
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    for batch in batches:
-        size = len(batch["labels"])
+    for batch, weight in zip(batches, _weights(batches), strict=True):
         grads = torch.autograd.grad(_loss(model, batch), list(params.values()), allow_unused=True)
-        for (name, _), grad in zip(params.items(), grads, strict=True):
+        for name, grad in zip(params, grads, strict=True):
             if grad is not None:
-                sums[name] += grad.detach().double() * size
-        total += size
-    return {n: float(torch.linalg.vector_norm(s / total)) for n, s in sums.items()}
+                sums[name] += grad.detach().double() * weight
+    return {n: float(torch.linalg.vector_norm(s)) for n, s in sums.items()}
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Attention on PyTorch's math kernel: plain differentiable ops, which ``vmap`` batches
+    and double backward differentiates on every device (the fused kernels do neither)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _example_chunks(batches: Sequence[Batch], chunk_size: int) -> Iterator[Batch]:
+    """The calibration examples in chunks of at most ``chunk_size``, for per-example gradients.
+
+    Right-padded token batches are regrouped by length with their padding and attention mask
+    removed: each example is computed exactly as it would be alone, no compute is spent on
+    padding, and the model never branches on a mask's values (transformers' attention does,
+    which ``vmap`` refuses).
+    """
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(1) if mask is not None else None
+        right_padded = mask is not None and torch.equal(
+            mask.bool(), torch.arange(mask.shape[1])[None, :] < lengths[:, None]
+        )
+        if not right_padded:
+            for start in range(0, len(batch["labels"]), chunk_size):
+                yield {k: v[start : start + chunk_size] for k, v in batch.items()}
+            continue
+        width = mask.shape[1]
+        for length in lengths.unique().tolist():
+            chosen = (lengths == length).nonzero().flatten()
+            for start in range(0, len(chosen), chunk_size):
+                rows = chosen[start : start + chunk_size]
+                yield {
+                    k: v[rows, :length] if v.dim() == 2 and v.shape[1] == width else v[rows]
+                    for k, v in batch.items()
+                    if k != "attention_mask"
+                }
+
+
+def gradient_moments(
+    model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8, method: str = "auto"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean and mean square, over the calibration examples, of the per-example loss gradient,
+    elementwise. The mean is the gradient of the mean loss; the mean square is the diagonal of
+    the empirical Fisher information.
+
+    ``method="vmap"`` computes the gradients of ``chunk_size`` examples at once with
+    ``torch.func`` (``vmap(grad(loss))``), so at most one chunk of per-example gradients is held;
+    ``"loop"`` backpropagates one example at a time (any model, one example's gradients held);
+    ``"auto"`` uses vmap on accelerators and the loop on the CPU, where it measured faster
+    (MiniLM, 2 threads: 2.4 s against 3.6 s for 16 examples), and falls back to the loop where
+    vmap cannot run the model (data-dependent control flow).
+    """
+    from torch.func import grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    squares = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    count = 0
+
+    def example_loss(params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+        return _loss(model, {k: v.unsqueeze(0) for k, v in example.items()}, params)
+
+    per_example = vmap(grad(example_loss), in_dims=(None, 0))
+    device = next(model.parameters()).device
+    use_vmap = method == "vmap" or (method == "auto" and device.type != "cpu")
+    with _math_attention():
+        for chunk in _example_chunks(batches, chunk_size):
+            grads = None
+            if use_vmap:
+                try:
+                    grads = per_example(params, chunk)
+                except RuntimeError as err:
+                    if method == "vmap":
+                        raise
+                    log.info(
+                        "per-example gradients by a loop: vmap is not supported here (%s)", err
+                    )
+                    use_vmap = False
+            if grads is not None:
+                for name, g in grads.items():
+                    sums[name] += torch.sum(g, dim=0, dtype=torch.float64)
+                    squares[name] += torch.sum(g * g, dim=0, dtype=torch.float64)
+            else:
+                for i in range(len(chunk["labels"])):
+                    example = {k: v[i : i + 1] for k, v in chunk.items()}
+                    one = torch.autograd.grad(
+                        _loss(model, example), list(model.parameters()), allow_unused=True
+                    )
+                    for name, g in zip(params, one, strict=True):
+                        if g is not None:
+                            sums[name] += g.double()
+                            squares[name] += g.double() ** 2
+            count += len(chunk["labels"])
+    mean = {n: (s / count).float() for n, s in sums.items()}
+    return mean, {n: (s / count).float() for n, s in squares.items()}
+
+
+def squared_gradients(
+    model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8, method: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """The diagonal of the empirical Fisher information, elementwise (see
+    :func:`gradient_moments`)."""
+    return gradient_moments(model, batches, chunk_size, method)[1]
+
+
+def fisher_diagonal(model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8) -> Scores:
+    """Diagonal empirical Fisher information summed over each tensor: sum over its elements of
+    the mean squared per-example gradient (Kirkpatrick et al. 2017, EWC). Cost: one backward per
+    example (see :func:`gradient_moments`)."""
+    return {n: float(f.sum()) for n, f in squared_gradients(model, batches, chunk_size).items()}
+
+
+def hutchinson_trace(
+    model: nn.Module, batches: Sequence[Batch], probes: int = 8, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Hutchinson estimates of the trace of the loss Hessian's diagonal block of each tensor:
+    tr(H_tt) = E[v_t . (H v)_t] for Rademacher v (Hutchinson 1989; Yao et al. 2020, PyHessian).
+    Returns one estimate per probe and tensor; their mean is unbiased and their standard
+    deviation / sqrt(probes) is its standard error.
+
+    H v is a Hessian-vector product by double backward. The gradient graph of each batch is built
+    once and reused by every probe, and each probe's v is drawn again from its own seed for each
+    batch rather than stored. Cost: per batch, one backward with ``create_graph`` plus one double
+    backward per probe.
+    """
+    names, params = zip(*model.named_parameters(), strict=True)
+    estimates = np.zeros((len(params), probes))
+    with _math_attention():
+        for batch, weight in zip(batches, _weights(batches), strict=True):
+            loss = _loss(model, batch) * weight
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            for probe in range(probes):
+                generator = torch.Generator().manual_seed(seed * 100_003 + probe)
+                vectors = [
+                    (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p)
+                    for p in params
+                ]
+                hv = torch.autograd.grad(
+                    [grads[i] for i in used],
+                    params,
+                    grad_outputs=[vectors[i] for i in used],
+                    retain_graph=probe < probes - 1,
+                    allow_unused=True,
+                )
+                for i, (v, h) in enumerate(zip(vectors, hv, strict=True)):
+                    if h is not None:
+                        estimates[i, probe] += float((v * h).sum())
+    return dict(zip(names, estimates, strict=True))
+
+
+def _grad_norm(model: nn.Module, cal: Calibration) -> Scores:
+    if not cal.share_gradients:
+        return grad_norm(model, cal.batches)
+    mean, _ = cal.moments(model)
+    return {n: float(torch.linalg.vector_norm(g.double())) for n, g in mean.items()}
+
+
+def _fisher(model: nn.Module, cal: Calibration) -> Scores:
+    _, squares = cal.moments(model)
+    return {n: float(f.double().sum()) for n, f in squares.items()}
+
+
+def depth_prior(layers: dict[str, Layer]) -> Scores:
+    """Structural prior: the relative depth of each tensor's layer, 0 for the input layer
+    (embeddings, stem) to 1 for the head. Encodes the common finding that lower layers hold
+    general features and upper layers task-specific ones (Yosinski et al. 2014; Howard & Ruder
+    2018). Cost: none."""
+    return relative_depth(layers)
 
 
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
-        Metric("weight_l1", weight_l1, "sum"),
-        Metric("weight_l2", weight_l2, "l2"),
-        Metric("grad_norm", grad_norm, "l2"),
+        Metric("weight_l1", lambda model, cal: weight_l1(model), "sum"),
+        Metric("weight_l2", lambda model, cal: weight_l2(model), "l2"),
+        Metric("grad_norm", _grad_norm, "l2"),
+        Metric("fisher", _fisher, "sum"),
+        Metric(
+            "hessian_trace",
+            lambda model, cal: hutchinson_trace(
+                model, cal.batches[: cal.hessian_batches], cal.probes, cal.seed
+            ),
+            "sum",
+        ),
+        Metric("depth", lambda model, cal: depth_prior(cal.layers), "mean"),
     )
 }
+COMBINED = "combined"
 
 
 def _per_element(values: pd.Series, numel: pd.Series, aggregate: str) -> pd.Series:
-    return values / (numel if aggregate == "sum" else np.sqrt(numel))
+    if aggregate == "sum":
+        return values / numel
+    if aggregate == "l2":
+        return values / np.sqrt(numel)
+    return values
 
 
 def _rank(values: pd.Series) -> pd.Series:
@@ -98,13 +328,46 @@ def _rank(values: pd.Series) -> pd.Series:
     return values.rank(method="average", pct=True)
 
 
+def _add_metric_columns(table: pd.DataFrame, name: str, values: pd.Series, aggregate: str) -> None:
+    table[name] = values.astype("float64").to_numpy()
+    table[f"{name}_per_element"] = _per_element(table[name], table["numel"], aggregate)
+    table[f"{name}_rank"] = _rank(table[f"{name}_per_element"])
+
+
+def _add_combined(table: pd.DataFrame, weights: dict[str, float]) -> None:
+    """Weighted mean of the metrics' ranks (1 = most important), ranked again."""
+    total = sum(weights.values())
+    table[COMBINED] = sum(w * table[f"{m}_rank"] for m, w in weights.items()) / total
+    table[f"{COMBINED}_per_element"] = table[COMBINED]
+    table[f"{COMBINED}_rank"] = _rank(table[COMBINED])
+
+
+def combination_weights(metrics: Sequence[str], weights: dict[str, float]) -> dict[str, float]:
+    """The weights of ``combined``: those configured, else 1 for every other chosen metric."""
+    chosen = [m for m in metrics if m != COMBINED]
+    if weights:
+        missing = sorted(set(weights) - set(chosen))
+        if missing:
+            raise ConfigError(
+                f"importance.combine weighs {missing}, which importance.metrics does not compute"
+            )
+        return {m: float(w) for m, w in weights.items() if w}
+    return dict.fromkeys(chosen, 1.0)
+
+
 def score_model(
     model: nn.Module,
     head: Sequence[str],
     batches: Sequence[Batch],
     metrics: Sequence[str],
+    probes: int = 4,
+    hessian_batches: int = 1,
+    chunk_size: int = 8,
+    per_example: str = "auto",
+    seed: int = 0,
+    combine: dict[str, float] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Score every parameter tensor of ``model`` with each metric.
+    """Score every parameter tensor of ``model`` with each metric (see the module docstring).
 
     Returns the score table and the seconds each metric took. The model's weights, its
     ``requires_grad`` flags and its train/eval mode are as they were afterwards.
@@ -126,6 +389,16 @@ def score_model(
             for name, p in model.named_parameters()
         ]
     )
+    calibration = Calibration(
+        batches,
+        layers,
+        probes,
+        hessian_batches,
+        chunk_size,
+        per_example,
+        seed,
+        share_gradients="fisher" in metrics and "grad_norm" in metrics,
+    )
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     seconds: dict[str, float] = {}
@@ -134,43 +407,63 @@ def score_model(
         for p in model.parameters():
             p.requires_grad_(True)
         for name in metrics:
+            if name == COMBINED:
+                continue
             metric = METRICS[name]
             start = time.perf_counter()
-            scores = metric.compute(model, batches)
+            output = metric.compute(model, calibration)
             seconds[name] = time.perf_counter() - start
-            table[name] = table["name"].map(scores).astype("float64")
-            table[f"{name}_per_element"] = _per_element(
-                table[name], table["numel"], metric.aggregate
-            )
-            table[f"{name}_rank"] = _rank(table[f"{name}_per_element"])
+            samples = table["name"].map(output)
+            if isinstance(next(iter(output.values())), np.ndarray):
+                table[f"{name}_probes"] = samples
+                draws = np.vstack(samples.to_numpy())
+                table[f"{name}_se"] = draws.std(axis=1, ddof=1) / np.sqrt(draws.shape[1])
+                samples = pd.Series(draws.mean(axis=1))
+            _add_metric_columns(table, name, samples, metric.aggregate)
             log.info("%s: %.2f s", name, seconds[name])
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
+    if COMBINED in metrics:
+        _add_combined(table, combination_weights(metrics, combine or {}))
     return table, seconds
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
-    """The metrics present in a score table, in registry order."""
-    return [name for name in METRICS if name in table.columns]
+    """The metrics present in a score table, in registry order, ``combined`` last."""
+    return [name for name in [*METRICS, COMBINED] if name in table.columns]
 
 
-def layer_table(table: pd.DataFrame) -> pd.DataFrame:
+def layer_table(table: pd.DataFrame, combine: dict[str, float] | None = None) -> pd.DataFrame:
     """Per-layer scores: each metric aggregated over the layer's tensors (see :class:`Metric`),
-    per element, and ranked across layers."""
+    per element, and ranked across layers; Monte Carlo metrics with the standard error of the
+    layer's estimate (from the per-probe sums over its tensors)."""
     keys = ["layer_index", "layer", "layer_kind", "module"]
     grouped = table.groupby(keys, sort=True, dropna=False)
     layers = grouped.agg(tensors=("name", "size"), numel=("numel", "sum")).reset_index()
-    for name in metric_columns(table):
+    metrics = metric_columns(table)
+    for name in metrics:
+        if name == COMBINED:
+            continue
         aggregate = METRICS[name].aggregate
-        if aggregate == "sum":
-            values = grouped[name].sum()
+        if f"{name}_probes" in table.columns:
+            draws = [
+                np.vstack(group.to_numpy()).sum(axis=0) for _, group in grouped[f"{name}_probes"]
+            ]
+            values = pd.Series([d.mean() for d in draws])
+            layers[f"{name}_se"] = [d.std(ddof=1) / np.sqrt(len(d)) for d in draws]
+        elif aggregate == "sum":
+            values = grouped[name].sum().reset_index(drop=True)
+        elif aggregate == "l2":
+            values = (
+                grouped[name].apply(lambda v: math.sqrt(float((v**2).sum()))).reset_index(drop=True)
+            )
         else:
-            values = grouped[name].apply(lambda v: math.sqrt(float((v**2).sum())))
-        layers[name] = values.to_numpy()
-        layers[f"{name}_per_element"] = _per_element(layers[name], layers["numel"], aggregate)
-        layers[f"{name}_rank"] = _rank(layers[f"{name}_per_element"])
+            values = grouped[name].mean().reset_index(drop=True)
+        _add_metric_columns(layers, name, values, aggregate)
+    if COMBINED in metrics:
+        _add_combined(layers, combination_weights(metrics, combine or {}))
     return layers
 
 
@@ -246,9 +539,20 @@ def run_score_importance(
     batches = calibration_batches(
         train, settings.batches, settings.batch_size, info["pad_token_id"], settings.seed
     )
-    table, seconds = score_model(task.model, task.head, batches, settings.metrics)
+    table, seconds = score_model(
+        task.model,
+        task.head,
+        batches,
+        settings.metrics,
+        probes=settings.hutchinson_probes,
+        hessian_batches=settings.hessian_batches,
+        chunk_size=settings.chunk_size,
+        per_example=settings.per_example,
+        seed=settings.seed,
+        combine=settings.combine,
+    )
     table.to_parquet(scores_path, index=False)
-    layers = layer_table(table)
+    layers = layer_table(table, settings.combine)
     layers.to_parquet(layers_path, index=False)
     plot_heatmap(layers, heatmap_path, f"{model_name}: per-element importance by layer")
     log.info("seconds per metric: %s", {k: round(v, 2) for k, v in seconds.items()})

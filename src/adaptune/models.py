@@ -141,10 +141,20 @@ def load_finetuned(directory: str | Path) -> nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(str(directory))
 
 
-def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits for a batch from :func:`adaptune.data.iterate_batches` (``labels`` ignored)."""
+def forward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits for a batch (``labels`` ignored). Token batches go in as keyword arguments
+    (``input_ids``, ``attention_mask``), any other batch as its single positional input. With
+    ``params``, the model runs on those tensors instead of its own (``torch.func``)."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    output = model(**inputs)
+    args, kwargs = ((), inputs) if "input_ids" in inputs else (tuple(inputs.values()), {})
+    if params is None:
+        output = model(*args, **kwargs)
+    else:
+        output = torch.func.functional_call(model, params, args, kwargs)
     return output.logits if hasattr(output, "logits") else output
 
 

@@ -18,7 +18,15 @@ from typing import Any, Self, TypeVar
 from adaptune.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
-IMPORTANCE_METRICS = ("weight_l1", "weight_l2", "grad_norm")
+IMPORTANCE_METRICS = (
+    "weight_l1",
+    "weight_l2",
+    "grad_norm",
+    "fisher",
+    "hessian_trace",
+    "depth",
+    "combined",
+)
 STRATEGY_KINDS = ("full", "head_only")
 # Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
 OVERRIDABLE_TRAIN_KEYS = (
@@ -113,8 +121,13 @@ class ImportanceSettings:
     """How importance is scored (``importance:``)."""
 
     metrics: list[str] = field(default_factory=lambda: list(IMPORTANCE_METRICS))
-    batches: int = 4
+    batches: int = 2
     batch_size: int = 16
+    hutchinson_probes: int = 4
+    hessian_batches: int = 1
+    chunk_size: int = 8
+    per_example: str = "auto"
+    combine: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,8 +137,25 @@ class ImportanceSettings:
                 f"importance.metrics: unknown or empty {unknown or self.metrics}; "
                 f"allowed: {', '.join(IMPORTANCE_METRICS)}"
             )
-        if self.batches < 1 or self.batch_size < 1:
-            raise ConfigError("importance.batches and importance.batch_size must be at least 1")
+        if self.per_example not in ("auto", "vmap", "loop"):
+            raise ConfigError(
+                f"importance.per_example = {self.per_example!r}; allowed: auto, vmap, loop"
+            )
+        for key in ("batches", "batch_size", "chunk_size", "hessian_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"importance.{key} = {getattr(self, key)} must be at least 1")
+        if "hessian_trace" in self.metrics and self.hutchinson_probes < 2:
+            raise ConfigError(
+                "importance.hutchinson_probes must be at least 2 for a standard error"
+            )
+        if "combined" in self.metrics and len(self.metrics) < 2:
+            raise ConfigError("importance.metrics: 'combined' needs other metrics to combine")
+        bad = {m: w for m, w in self.combine.items() if m not in self.metrics or w < 0}
+        if bad or any(m == "combined" for m in self.combine):
+            raise ConfigError(
+                f"importance.combine: {bad} — weights must be >= 0 and name metrics listed in "
+                "importance.metrics (other than combined)"
+            )
 
     @classmethod
     def from_config(cls, importance: Mapping[str, Any] | None) -> Self:

@@ -1,0 +1,106 @@
+"""Cost of each importance metric on the bundled MiniLM and BBC News, against one epoch of full
+fine-tuning on the same few-shot split, at the default settings of config/config.yaml.
+
+    python benchmarks/importance_cost.py [--config config/config.yaml] [--threads 2]
+
+Prints a markdown table: seconds per metric, the ratio to one training epoch, and the process's
+peak resident memory after each metric (it only grows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from adaptune.data import prepare, sample_few_shot
+from adaptune.importance import METRICS, calibration_batches, score_model
+from adaptune.models import load_model, load_tokenizer
+from adaptune.plans import build_plan
+from adaptune.settings import DataSettings, ImportanceSettings, StrategySettings, TrainSettings
+from adaptune.training import finetune
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=Path(__file__).parents[1] / "config" / "config.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = yaml.safe_load(Path(args.config).read_text())
+    data = DataSettings.from_config({k: v for k, v in config["data"].items() if k != "shots"})
+    importance = ImportanceSettings.from_config(config.get("importance"))
+    train_settings = TrainSettings.from_config(
+        {k: v for k, v in config.get("train", {}).items() if k != "seeds"}
+    )
+    model_name = config["model"]["name"]
+
+    splits, info = prepare(data, load_tokenizer(model_name))
+    few = sample_few_shot(splits["train"], args.shots, data.seed)
+    batches = calibration_batches(
+        few, importance.batches, importance.batch_size, info["pad_token_id"], importance.seed
+    )
+    options = {
+        "probes": importance.hutchinson_probes,
+        "hessian_batches": importance.hessian_batches,
+        "chunk_size": importance.chunk_size,
+        "per_example": importance.per_example,
+        "seed": importance.seed,
+        "combine": importance.combine,
+    }
+    rows = []
+    for name in [m for m in METRICS if m in importance.metrics]:
+        task = load_model(model_name, info["labels"], importance.seed)
+        _, seconds = score_model(task.model, task.head, batches, [name], **options)
+        rows.append((name, seconds[name], peak_rss_mb()))
+    task = load_model(model_name, info["labels"], importance.seed)
+    _, seconds = score_model(task.model, task.head, batches, importance.metrics, **options)
+    together = sum(seconds.values())
+
+    task = load_model(model_name, info["labels"], 0)
+    scores, _ = score_model(task.model, task.head, batches[:1], ["weight_l2"])
+    plan = build_plan(scores, "full", StrategySettings(kind="full"))
+    epoch = TrainSettings(**{**vars(train_settings), "epochs": 1})
+    start = time.perf_counter()
+    result = finetune(
+        task.model, plan, few, few.head(8), epoch, 0, info["pad_token_id"], torch.device("cpu")
+    )
+    epoch_seconds = result.train_seconds
+    wall = time.perf_counter() - start
+
+    examples = importance.batches * importance.batch_size
+    print(
+        f"\nmodel {model_name}, {args.shots} shots x {info['num_labels']} classes "
+        f"({len(few)} examples), max_length {data.max_length}, {args.threads} threads"
+    )
+    print(
+        f"calibration: {importance.batches} batches x {importance.batch_size} = {examples} "
+        f"examples; Hutchinson: {importance.hutchinson_probes} probes on "
+        f"{importance.hessian_batches} batch(es); per-example gradients: {importance.per_example}"
+    )
+    print(
+        f"one epoch of full fine-tuning: {epoch_seconds:.1f} s of training "
+        f"({wall:.1f} s with its validation pass)\n"
+    )
+    print("| metric | seconds | x one epoch | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for name, seconds, rss in rows:
+        print(f"| {name} | {seconds:.2f} | {seconds / epoch_seconds:.2f} | {rss:,.0f} |")
+    print(
+        f"| **all, one scoring run** | {together:.2f} | {together / epoch_seconds:.2f} | "
+        f"{peak_rss_mb():,.0f} |"
+    )
+    print("\n(grad_norm shares fisher's per-example pass when both run, as in the pipeline)")
+
+
+if __name__ == "__main__":
+    main()
