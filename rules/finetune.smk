@@ -21,6 +21,8 @@ rule finetune:
         val=DATA / "val.parquet",
         info=DATA / "data.json",
         scores=IMPORTANCE / "k{shots}/scores.parquet",
+        layers=IMPORTANCE / "k{shots}/layers.parquet",
+        heatmap=IMPORTANCE / "k{shots}/heatmap.png",
         experiment=EXP / "mlflow_experiment.json",
     output:
         model=directory(RUN / "model"),

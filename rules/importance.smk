@@ -6,6 +6,7 @@ rule score_importance:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
         heatmap=IMPORTANCE / "k{shots}/heatmap.png",
+        agreement=IMPORTANCE / "k{shots}/agreement.csv",
     log:
         LOGS / "score_importance/k{shots}.log",
     benchmark:

@@ -23,6 +23,6 @@ with to_log_file(snakemake.log[0]):
         val_path=snakemake.input.val,
         data_info_path=snakemake.input.info,
         experiment_path=snakemake.input.experiment,
-        artifacts={"scores": snakemake.input.scores},
+        artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap")},
         outputs=dict(snakemake.output.items()),
     )

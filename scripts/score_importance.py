@@ -21,4 +21,5 @@ with to_log_file(snakemake.log[0]):
         snakemake.output.scores,
         snakemake.output.layers,
         snakemake.output.heatmap,
+        snakemake.output.agreement,
     )

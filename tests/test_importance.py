@@ -74,6 +74,17 @@ def test_layer_table_aggregates_by_metric_kind(task, tiny_bert_dir):
     assert list(layers.index) == ["input", "block01", "block02", "output", "head"]
 
 
+def test_agreement_is_a_spearman_matrix(task, tiny_bert_dir):
+    from adaptune.importance import metric_agreement
+
+    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    agreement = metric_agreement(table)
+    assert list(agreement.columns) == METRICS
+    assert np.allclose(np.diag(agreement), 1.0)
+    expected = table["weight_l1_per_element"].rank().corr(table["grad_norm_per_element"].rank())
+    assert agreement.loc["weight_l1", "grad_norm"] == pytest.approx(expected)
+
+
 def test_heatmap_is_written(task, tiny_bert_dir, tmp_path):
     table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
     plot_heatmap(layer_table(table), tmp_path / "heatmap.png")

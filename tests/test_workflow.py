@@ -112,7 +112,13 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [1]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"head_only.json", "full.json"} & artifacts and "scores.parquet" in artifacts
+        assert {"head_only.json", "full.json"} & artifacts and "history.csv" in artifacts
+        importance = {a.path for a in client.list_artifacts(run.info.run_id, "importance")}
+        assert importance == {
+            "importance/scores.parquet",
+            "importance/layers.parquet",
+            "importance/heatmap.png",
+        }
         evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/confusion.png" in evaluation
     connection = sqlite3.connect(db)

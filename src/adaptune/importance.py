@@ -467,6 +467,14 @@ def layer_table(table: pd.DataFrame, combine: dict[str, float] | None = None) ->
     return layers
 
 
+def metric_agreement(table: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rank correlation between the metrics' per-element scores over the rows of a
+    score table (tensors or layers): how far the metrics agree on what matters."""
+    metrics = [m for m in metric_columns(table) if table[f"{m}_per_element"].nunique() > 1]
+    values = table[[f"{m}_per_element" for m in metrics]].set_axis(metrics, axis=1)
+    return values.corr(method="spearman")
+
+
 def plot_heatmap(layers: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Metric x layer heatmap of per-element scores relative to each metric's largest layer.
 
@@ -527,6 +535,7 @@ def run_score_importance(
     scores_path: str,
     layers_path: str,
     heatmap_path: str,
+    agreement_path: str,
 ) -> pd.DataFrame:
     """The ``score_importance`` stage: score the pretrained model (with its new head, initialised
     from ``settings.seed``) on calibration batches of the few-shot training split."""
@@ -555,5 +564,6 @@ def run_score_importance(
     layers = layer_table(table, settings.combine)
     layers.to_parquet(layers_path, index=False)
     plot_heatmap(layers, heatmap_path, f"{model_name}: per-element importance by layer")
+    metric_agreement(table).to_csv(agreement_path, float_format="%.4f")
     log.info("seconds per metric: %s", {k: round(v, 2) for k, v in seconds.items()})
     return table

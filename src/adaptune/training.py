@@ -278,6 +278,8 @@ def run_finetune(
         tracking.log_metrics(
             {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
         )
-        for path in (plan_path, outputs["history"], outputs["settings"], *artifacts.values()):
+        for path in (plan_path, outputs["history"], outputs["settings"]):
             tracking.log_artifact(path)
+        for path in artifacts.values():
+            tracking.log_artifact(path, "importance")
     return result
