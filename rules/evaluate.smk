@@ -10,7 +10,12 @@ rule evaluate:
         metrics=RUN / "metrics.json",
         per_class=RUN / "per_class.csv",
         confusion=RUN / "confusion.csv",
-        confusion_png=RUN / "confusion.png",
+        confusion_png=report(
+            RUN / "confusion.png",
+            caption="../report/confusion.rst",
+            category="Runs",
+            subcategory="{strategy}",
+        ),
     log:
         LOGS / "evaluate/{strategy}/k{shots}/seed{seed}.log",
     benchmark:

@@ -5,7 +5,12 @@ rule score_importance:
     output:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
-        heatmap=IMPORTANCE / "k{shots}/heatmap.png",
+        heatmap=report(
+            IMPORTANCE / "k{shots}/heatmap.png",
+            caption="../report/heatmap.rst",
+            category="Importance",
+            subcategory="{shots} shots",
+        ),
         agreement=IMPORTANCE / "k{shots}/agreement.csv",
     log:
         LOGS / "score_importance/k{shots}.log",

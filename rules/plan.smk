@@ -4,6 +4,12 @@ rule make_freeze_plan:
     output:
         plan=PLANS / "k{shots}/{strategy}.json",
         summary=PLANS / "k{shots}/{strategy}.md",
+        figure=report(
+            PLANS / "k{shots}/{strategy}.png",
+            caption="../report/plan.rst",
+            category="Freeze plans",
+            subcategory="{shots} shots",
+        ),
     log:
         LOGS / "make_freeze_plan/k{shots}/{strategy}.log",
     benchmark:

@@ -9,10 +9,24 @@ rule report:
     input:
         metrics=all_run_metrics(),
     output:
-        leaderboard=REPORT / "leaderboard.csv",
+        leaderboard=report(
+            REPORT / "leaderboard.csv",
+            caption="../report/leaderboard_table.rst",
+            category="Leaderboard",
+        ),
         summary=REPORT / "summary.csv",
         markdown=REPORT / "leaderboard.md",
-        plot=REPORT / "leaderboard.png",
+        plot=report(
+            REPORT / "leaderboard.png",
+            caption="../report/leaderboard.rst",
+            category="Leaderboard",
+        ),
+        tradeoffs=report(
+            REPORT / "tradeoffs.png",
+            caption="../report/tradeoffs.rst",
+            category="Leaderboard",
+        ),
+        best=REPORT / "best_per_shots.csv",
     log:
         LOGS / "report.log",
     benchmark:

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adaptune.logs import to_log_file
-from adaptune.plans import build_plan, read_scores
+from adaptune.plans import build_plan, plot_plan, read_scores
 from adaptune.settings import StrategySettings
 
 if TYPE_CHECKING:
@@ -17,4 +17,5 @@ with to_log_file(snakemake.log[0]):
     plan = build_plan(read_scores(snakemake.input.scores), name, strategy)
     plan.save(snakemake.output.plan)
     Path(snakemake.output.summary).write_text(plan.to_markdown())
+    plot_plan(plan, snakemake.output.figure)
     logging.getLogger("adaptune").info("%s: %s", name, plan.totals)

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
 
 
 @pytest.fixture(scope="session")

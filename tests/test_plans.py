@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from adaptune.errors import PlanError
+from adaptune.errors import ConfigError, PlanError
 from adaptune.plans import Plan, build_plan
 from adaptune.settings import StrategySettings
 
@@ -53,3 +53,162 @@ def test_loading_something_else_is_refused(tmp_path):
     (tmp_path / "x.json").write_text('{"strategy": "x"}')
     with pytest.raises(PlanError, match="is not a freeze plan"):
         Plan.load(tmp_path / "x.json")
+
+
+@pytest.fixture
+def scored() -> pd.DataFrame:
+    """A model of four layers with known scores: input, two blocks, head."""
+    return pd.DataFrame(
+        {
+            "name": ["emb.w", "b1.w", "b1.b", "b2.w", "b2.b", "head.w", "head.b"],
+            "layer": ["input", "block01", "block01", "block02", "block02", "head", "head"],
+            "layer_index": [0, 1, 1, 2, 2, 3, 3],
+            "layer_kind": ["input", "block", "block", "block", "block", "head", "head"],
+            "module": ["", "b1", "b1", "b2", "b2", "", ""],
+            "numel": [600, 200, 10, 200, 10, 30, 3],
+            "is_head": [False, False, False, False, False, True, True],
+            "fisher": [6.0, 8.0, 0.1, 40.0, 0.5, 9.0, 0.3],
+        }
+    ).assign(fisher_per_element=lambda t: t["fisher"] / t["numel"])
+
+
+def plan(scores, **spec):
+    return build_plan(scores, "s", StrategySettings.from_config("s", spec))
+
+
+def trained(p):
+    return [t.name for t in p.tensors if not t.frozen]
+
+
+def test_freeze_bottom(scored):
+    assert trained(plan(scored, kind="freeze_bottom", layers=1)) == [
+        "b2.w",
+        "b2.b",
+        "head.w",
+        "head.b",
+    ]
+    assert trained(plan(scored, kind="freeze_bottom", layers=0))[0] == "b1.w"
+    with pytest.raises(PlanError, match="layers = 3, but the model has 2 blocks"):
+        plan(scored, kind="freeze_bottom", layers=3)
+
+
+def test_llrd_decays_from_the_head(scored):
+    multipliers = {t.name: t.lr_multiplier for t in plan(scored, kind="llrd", decay=0.5).tensors}
+    assert multipliers == {
+        "emb.w": 0.125,
+        "b1.w": 0.25,
+        "b1.b": 0.25,
+        "b2.w": 0.5,
+        "b2.b": 0.5,
+        "head.w": 1.0,
+        "head.b": 1.0,
+    }
+
+
+def test_importance_freezes_the_least_important_layers_by_fraction(scored):
+    # per element: input 0.01, block01 8.1/210 = 0.039, block02 40.5/210 = 0.19
+    p = plan(scored, kind="importance", metric="fisher", freeze={"fraction": 0.5})
+    assert trained(p) == ["b1.w", "b1.b", "b2.w", "b2.b", "head.w", "head.b"]
+    protect = plan(
+        scored, kind="importance", metric="fisher", freeze={"fraction": 0.2, "protect": True}
+    )
+    assert trained(protect) == ["emb.w", "b1.w", "b1.b", "head.w", "head.b"]
+    assert "fisher" in protect.tensors[3].reason and "most important" in protect.tensors[3].reason
+
+
+def test_importance_threshold_on_ranks_per_tensor(scored):
+    p = plan(
+        scored, kind="importance", metric="fisher", granularity="tensor", freeze={"threshold": 0.5}
+    )
+    # body per element: emb .01, b1.w .04, b1.b .01, b2.w .2, b2.b .05 -> ranks .3 .6 .3 1 .8
+    assert trained(p) == ["b1.w", "b2.w", "b2.b", "head.w", "head.b"]
+
+
+def test_budget_keeps_the_most_importance_that_fits(scored):
+    total = scored["numel"].sum()  # 1,053
+    p = plan(
+        scored,
+        kind="importance",
+        metric="fisher",
+        granularity="tensor",
+        freeze={"budget": 250 / total},
+    )
+    assert p.totals["trainable_params"] <= 250
+    assert trained(p) == ["b2.w", "b2.b", "head.w", "head.b"]  # 243 params
+    # Exhaustive check: no other choice of body tensors under the budget keeps more importance.
+    from itertools import combinations
+
+    body = scored[~scored["is_head"]].set_index("name")
+    value = body["fisher_per_element"] * body["numel"]
+    kept = value[["b2.w", "b2.b"]].sum()
+    capacity = 250 - 33
+    for size in range(1, len(body) + 1):
+        for subset in combinations(body.index, size):
+            if body.loc[list(subset), "numel"].sum() <= capacity:
+                assert value[list(subset)].sum() <= kept + 1e-12
+    with pytest.raises(PlanError, match="the new head alone has 33"):
+        plan(scored, kind="importance", metric="fisher", freeze={"budget": 0.01})
+
+
+@pytest.mark.parametrize("mapping", ["linear", "log", "power", "sigmoid", "rank"])
+def test_lr_mappings_are_monotonic_and_in_range(scored, mapping):
+    p = plan(
+        scored,
+        kind="importance",
+        metric="fisher",
+        granularity="tensor",
+        lr={"mapping": mapping, "min": 0.2, "max": 2.0},
+    )
+    body = [t for t in p.tensors if not t.name.startswith("head")]
+    score = dict(zip(scored["name"], scored["fisher_per_element"], strict=True))
+    ordered = sorted(body, key=lambda t: score[t.name])
+    multipliers = [t.lr_multiplier for t in ordered]
+    assert multipliers == sorted(multipliers)
+    assert all(0.2 - 1e-12 <= m <= 2.0 + 1e-12 for m in multipliers)
+    assert {t.lr_multiplier for t in p.tensors if t.name.startswith("head")} == {2.0}
+    inverse = plan(
+        scored,
+        kind="importance",
+        metric="fisher",
+        granularity="tensor",
+        lr={"mapping": mapping, "inverse": True},
+    )
+    by_name = {t.name: t.lr_multiplier for t in inverse.tensors}
+    assert [by_name[t.name] for t in ordered] == sorted(by_name[t.name] for t in ordered)[::-1]
+
+
+def test_freeze_and_lr_combine(scored):
+    p = plan(
+        scored,
+        kind="importance",
+        metric="fisher",
+        freeze={"fraction": 0.5},
+        lr={"mapping": "linear", "min": 0.5, "max": 1.0},
+    )
+    multipliers = {t.layer: t.lr_multiplier for t in p.tensors}
+    assert multipliers == {"input": 0.0, "block01": 0.5, "block02": 1.0, "head": 1.0}
+
+
+def test_missing_metric_and_bad_rules_are_named(scored):
+    with pytest.raises(PlanError, match="'hessian_trace' is not in the importance scores"):
+        plan(scored, kind="importance", metric="hessian_trace", freeze={"fraction": 0.5})
+    with pytest.raises(ConfigError, match="exactly one of fraction, threshold, budget"):
+        plan(scored, kind="importance", freeze={"fraction": 0.5, "budget": 0.1})
+    with pytest.raises(ConfigError, match="needs a freeze rule, an lr rule, or both"):
+        plan(scored, kind="importance")
+
+
+def test_plan_png(scored, tmp_path):
+    from adaptune.plans import plot_plan
+
+    plot_plan(
+        plan(
+            scored,
+            kind="importance",
+            metric="fisher",
+            freeze={"fraction": 0.5},
+            lr={"mapping": "rank"},
+        ),
+        tmp_path / "p.png",
+    )
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -54,9 +54,16 @@ def test_leaderboard_and_summary_over_seeds(tmp_path):
             ("summary", "s.csv"),
             ("markdown", "lb.md"),
             ("plot", "lb.png"),
+            ("tradeoffs", "t.png"),
+            ("best", "b.csv"),
         ]
     }
     run_report([str(f) for f in files], "exp", outputs)
     assert "| 16 | full | 2 | 0.8500 ± 0.0707 |" in (tmp_path / "lb.md").read_text()
     assert len(pd.read_csv(outputs["leaderboard"])) == 5
     assert (tmp_path / "lb.png").stat().st_size > 10_000
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    best = pd.read_csv(outputs["best"], dtype={"shots": str}).set_index("shots")
+    assert best.loc["16", "best_strategy"] == "full"
+    assert best.loc["16", "margin_over_runner_up"] == pytest.approx(0.15)
+    assert best.loc["16", "margin_over_full"] == 0

@@ -61,6 +61,11 @@ def test_leaderboard_has_every_run_with_real_metrics(workflow):
     assert (board.loc[board["strategy"] == "full", "trainable_fraction"] == 1.0).all()
     assert "± " in (report / "leaderboard.md").read_text()
     assert (report / "leaderboard.png").stat().st_size > 10_000
+    assert (report / "tradeoffs.png").stat().st_size > 10_000
+    best = pd.read_csv(report / "best_per_shots.csv")
+    assert (
+        best.loc[0, "best_strategy"] == board.groupby("strategy")["test_macro_f1"].mean().idxmax()
+    )
 
 
 def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
@@ -72,6 +77,9 @@ def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
     scores = pd.read_parquet(results / "importance/k4/scores.parquet")
     assert set(scores["layer"]) == {"input", "block01", "block02", "output", "head"}
     assert (results / "importance/k4/heatmap.png").stat().st_size > 10_000
+    agreement = pd.read_csv(results / "importance/k4/agreement.csv", index_col=0)
+    assert {"grad_norm", "fisher", "hessian_trace", "combined"} <= set(agreement.columns)
+    assert (results / "plans/k4/full.png").stat().st_size > 10_000
     plan = json.loads((results / "plans/k4/head_only.json").read_text())
     assert [t["name"] for t in plan["tensors"] if not t["frozen"]] == [
         "classifier.weight",
@@ -202,3 +210,10 @@ def test_bad_data_stops_with_a_message_naming_the_column(tmp_path, tiny_bert_dir
     log = (flow.results("bad") / "logs/prepare_data.log").read_text()
     assert "no column(s) ['text', 'label']" in log and "'body', 'topic'" in log
     assert not (flow.results("bad") / "data/data.json").exists()
+
+
+def test_snakemake_report_has_the_plots_with_captions(workflow):
+    workflow.run("--report", "report.html")
+    html = (workflow.root / "report.html").read_text(errors="replace")
+    assert "Quality against cost" in html and "Freeze plan" in html
+    assert "Confusion matrix on the test split" in html

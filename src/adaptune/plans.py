@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 import pandas as pd
 
 from adaptune.errors import PlanError
-from adaptune.settings import StrategySettings
+from adaptune.settings import FreezeRule, LrRule, StrategySettings
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,11 @@ class Plan:
             "|---|---:|---:|---:|---|",
         ]
         for (_, layer), row in sorted(rows.items()):
-            lrs = ", ".join(f"{m:g}" for m in sorted(row["lrs"])) or "frozen"
+            lrs = sorted(row["lrs"])
+            if len(lrs) > 3:
+                lrs = f"{lrs[0]:.3g} to {lrs[-1]:.3g} ({len(lrs)} values)"
+            else:
+                lrs = ", ".join(f"{m:.3g}" for m in lrs) or "frozen"
             lines.append(
                 f"| {layer} | {row['tensors']} | {row['params']:,} | {row['trainable']:,} | {lrs} |"
             )
@@ -126,14 +131,179 @@ def _tensor(row: Any, frozen: bool, lr_multiplier: float, reason: str) -> Tensor
     )
 
 
+def _metric_column(scores: pd.DataFrame, metric: str) -> str:
+    column = f"{metric}_per_element"
+    if column not in scores.columns:
+        raise PlanError(
+            f"metric {metric!r} is not in the importance scores: add it to importance.metrics"
+        )
+    return column
+
+
+def _units(scores: pd.DataFrame, strategy: StrategySettings) -> pd.DataFrame:
+    """The units an importance plan decides on, one row each: ``unit`` (tensor or layer name),
+    ``numel``, ``is_head``, ``score`` (per element) and ``rank`` (percentile among the body's
+    units, 1 = most important)."""
+    from adaptune.importance import layer_table
+
+    if strategy.granularity == "tensor":
+        column = _metric_column(scores, strategy.metric)
+        units = scores.assign(unit=scores["name"], score=scores[column])
+    else:
+        layers = layer_table(scores)
+        column = _metric_column(layers, strategy.metric)
+        units = layers.assign(
+            unit=layers["layer"], score=layers[column], is_head=layers["layer_kind"] == "head"
+        )
+    units = units[["unit", "numel", "is_head", "score"]].reset_index(drop=True)
+    body = ~units["is_head"]
+    units["rank"] = units["score"].where(body).rank(pct=True)
+    return units
+
+
+def _freeze(units: pd.DataFrame, rule: FreezeRule, total_params: int) -> set[str]:
+    """The units a freeze rule freezes (never the head)."""
+    body = units[~units["is_head"]]
+    # Candidates to freeze first: the least important, or the most important when protecting.
+    order = body.sort_values("score", ascending=not rule.protect, kind="stable")
+    if rule.fraction is not None:
+        target = rule.fraction * body["numel"].sum()
+        frozen, count = [], 0
+        for row in order.itertuples():
+            if count >= target:
+                break
+            frozen.append(row.unit)
+            count += row.numel
+        return set(frozen)
+    if rule.threshold is not None:
+        share = body["rank"] if not rule.protect else 1 - body["rank"]
+        return set(body.loc[share < rule.threshold, "unit"]) if rule.threshold > 0 else set()
+    capacity = rule.budget * total_params - units.loc[units["is_head"], "numel"].sum()
+    if capacity < 0:
+        raise PlanError(
+            f"freeze.budget = {rule.budget}: the new head alone has "
+            f"{units.loc[units['is_head'], 'numel'].sum():,} of {total_params:,} parameters"
+        )
+    return set(body["unit"]) - _knapsack(body, capacity, rule.protect)
+
+
+def _knapsack(body: pd.DataFrame, capacity: float, protect: bool) -> set[str]:
+    """Units to train under a parameter budget, maximising their total importance (per-element
+    score x size): the greedy density rule (best score per parameter first, skipping what no
+    longer fits), or the single most valuable unit that fits if that is worth more; the better
+    of the two is within a factor 2 of the optimum (Dantzig 1957; Korte & Vygen, ch. 17).
+    With ``protect`` the least important are trained instead."""
+    density = -body["score"] if protect else body["score"]
+    density = density - density.min() + 1e-12  # positive, same order
+    value = density * body["numel"]
+    chosen, used = [], 0
+    for index in density.sort_values(ascending=False, kind="stable").index:
+        if used + body.at[index, "numel"] <= capacity:
+            chosen.append(index)
+            used += body.at[index, "numel"]
+    fits = body["numel"] <= capacity
+    if fits.any():
+        best = value[fits].idxmax()
+        if value[best] > value[chosen].sum():
+            chosen = [best]
+    return set(body.loc[chosen, "unit"])
+
+
+def _lr_multipliers(units: pd.DataFrame, rule: LrRule, frozen: set[str]) -> dict[str, float]:
+    """Multiplier per trainable body unit, min + (max - min) * f(score), f monotonic."""
+    trainable = units[~units["is_head"] & ~units["unit"].isin(frozen)]
+    if trainable.empty:
+        return {}
+    score = trainable["score"].astype("float64")
+    low, high = score.min(), score.max()
+    if rule.mapping == "rank":
+        ranks = score.rank(method="average")
+        x = (ranks - 1) / max(len(score) - 1, 1)
+    elif rule.mapping == "sigmoid":
+        z = (score - score.mean()) / (score.std(ddof=0) or 1.0)
+        x = 1 / (1 + np.exp(-z))
+    elif rule.mapping == "log":
+        floor = score[score > 0].min() if (score > 0).any() else 1e-12
+        logs = np.log(score.clip(lower=floor))
+        span = logs.max() - logs.min()
+        x = (logs - logs.min()) / span if span > 0 else pd.Series(1.0, index=score.index)
+    else:
+        x = (score - low) / (high - low) if high > low else pd.Series(1.0, index=score.index)
+        if rule.mapping == "power":
+            x = x**rule.power
+    if rule.inverse:
+        x = 1 - x
+    multiplier = rule.min + (rule.max - rule.min) * x
+    return dict(zip(trainable["unit"], multiplier.astype(float), strict=True))
+
+
+def _importance_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorPlan]:
+    units = _units(scores, strategy)
+    total = int(scores["numel"].sum())
+    frozen = _freeze(units, strategy.freeze, total) if strategy.freeze else set()
+    multipliers = _lr_multipliers(units, strategy.lr, frozen) if strategy.lr else {}
+    head_multiplier = strategy.lr.max if strategy.lr else 1.0
+    by_unit = units.set_index("unit")
+    key = "name" if strategy.granularity == "tensor" else "layer"
+    tensors = []
+    for row in scores.itertuples(index=False):
+        unit = getattr(row, key)
+        info = by_unit.loc[unit]
+        described = f"{strategy.metric} {info['score']:.3g}"
+        if row.is_head:
+            tensors.append(_tensor(row, False, head_multiplier, "head: new for the task"))
+        elif unit in frozen:
+            rule = "most" if strategy.freeze.protect else "least"
+            tensors.append(
+                _tensor(row, True, 0.0, f"{described}: frozen, among the {rule} important")
+            )
+        else:
+            multiplier = multipliers.get(unit, 1.0)
+            how = f"lr x{multiplier:.3g} ({strategy.lr.mapping})" if strategy.lr else "trains"
+            tensors.append(
+                _tensor(row, False, multiplier, f"{described} (rank {info['rank']:.2f}): {how}")
+            )
+    return tensors
+
+
+def _freeze_bottom_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorPlan]:
+    blocks = sorted(scores.loc[scores["layer_kind"] == "block", "layer_index"].unique())
+    if strategy.layers > len(blocks):
+        raise PlanError(
+            f"freeze_bottom: layers = {strategy.layers}, but the model has {len(blocks)} blocks"
+        )
+    frozen_blocks = set(blocks[: strategy.layers])
+    tensors = []
+    for row in scores.itertuples(index=False):
+        frozen = row.layer_kind == "input" or row.layer_index in frozen_blocks
+        reason = f"freeze_bottom {strategy.layers}: {'frozen' if frozen else 'trains'}"
+        tensors.append(_tensor(row, frozen, 1.0, reason))
+    return tensors
+
+
+def _llrd_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorPlan]:
+    """Layer-wise lr decay (Howard & Ruder 2018; Clark et al. 2020): the head at the base rate,
+    each layer below at ``decay`` times the rate of the layer above it."""
+    top = int(scores["layer_index"].max())
+    return [
+        _tensor(
+            row,
+            False,
+            strategy.decay ** (top - int(row.layer_index)),
+            f"llrd: {strategy.decay} ** {top - int(row.layer_index)} layers below the top",
+        )
+        for row in scores.itertuples(index=False)
+    ]
+
+
 def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> Plan:
     """Make strategy ``name``'s plan from the importance score table."""
     rows = list(scores.itertuples(index=False))
+    if strategy.kind in ("head_only", "importance") and not scores["is_head"].any():
+        raise PlanError(f"{strategy.kind}: the score table marks no tensor as the head")
     if strategy.kind == "full":
         tensors = [_tensor(r, False, 1.0, "full: every tensor trains") for r in rows]
     elif strategy.kind == "head_only":
-        if not scores["is_head"].any():
-            raise PlanError("head_only: the score table marks no tensor as the head")
         tensors = [
             _tensor(
                 r,
@@ -143,6 +313,64 @@ def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> P
             )
             for r in rows
         ]
+    elif strategy.kind == "freeze_bottom":
+        tensors = _freeze_bottom_plan(scores, strategy)
+    elif strategy.kind == "llrd":
+        tensors = _llrd_plan(scores, strategy)
+    elif strategy.kind == "importance":
+        tensors = _importance_plan(scores, strategy)
     else:
         raise PlanError(f"strategies.{name}: no plan builder for kind {strategy.kind!r}")
     return Plan(strategy=name, kind=strategy.kind, tensors=tensors, settings=asdict(strategy))
+
+
+def plot_plan(plan: Plan, path: str | Path) -> None:
+    """Each tensor's lr multiplier by layer; frozen tensors in grey at zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({(t.layer_index, t.layer) for t in plan.tensors})
+    position = {index: i for i, (index, _) in enumerate(layers)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(layers) + 2), 3.8))
+    rng = np.random.default_rng(0)
+    for frozen, color, label in ((True, "0.7", "frozen"), (False, "tab:blue", "trains")):
+        chosen = [t for t in plan.tensors if t.frozen == frozen]
+        if chosen:
+            x = [position[t.layer_index] + rng.uniform(-0.25, 0.25) for t in chosen]
+            sizes = [10 + 40 * np.log10(t.numel) / 8 for t in chosen]
+            ax.scatter(
+                x,
+                [t.lr_multiplier for t in chosen],
+                s=sizes,
+                c=color,
+                label=label,
+                alpha=0.8,
+                edgecolors="none",
+            )
+    for i, (index, _) in enumerate(layers):
+        members = [t for t in plan.tensors if t.layer_index == index]
+        share = sum(t.numel for t in members if not t.frozen) / sum(t.numel for t in members)
+        ax.text(
+            i,
+            1.02,
+            f"{share:.0%}",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            fontsize=7,
+            color="0.3",
+        )
+    ax.set_xticks(range(len(layers)), [name for _, name in layers], rotation=45, ha="right")
+    ax.set_ylabel("lr multiplier")
+    ax.set_ylim(bottom=-0.05)
+    ax.set_title(
+        f"{plan.strategy}: {plan.totals['trainable_fraction']:.2%} of parameters train "
+        "(top: share trained per layer)",
+        fontsize=9,
+        pad=18,
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -73,8 +73,47 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def best_per_shots(summary: pd.DataFrame) -> pd.DataFrame:
+    """The best strategy (mean test macro-F1) for each shot count, its margin over the
+    runner-up and over full fine-tuning where that ran."""
+    rows = []
+    for shots, part in summary.groupby("shots", sort=False):
+        ranked = part.sort_values("test_macro_f1_mean", ascending=False)
+        best = ranked.iloc[0]
+        full = part.loc[part["strategy"] == "full", "test_macro_f1_mean"]
+        rows.append(
+            {
+                "shots": shots,
+                "best_strategy": best["strategy"],
+                "test_macro_f1_mean": best["test_macro_f1_mean"],
+                "test_macro_f1_std": best["test_macro_f1_std"],
+                "runner_up": ranked.iloc[1]["strategy"] if len(ranked) > 1 else "",
+                "margin_over_runner_up": (
+                    best["test_macro_f1_mean"] - ranked.iloc[1]["test_macro_f1_mean"]
+                    if len(ranked) > 1
+                    else float("nan")
+                ),
+                "margin_over_full": (
+                    best["test_macro_f1_mean"] - full.iloc[0] if len(full) else float("nan")
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> str:
-    lines = [f"# Leaderboard: {experiment}", "", "## Mean ± std over seeds", ""]
+    lines = [f"# Leaderboard: {experiment}", "", "## Best strategy per shot count", ""]
+    lines += [
+        "| shots | best | test macro-F1 | runner-up | margin | margin over full |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for r in best_per_shots(summary).itertuples(index=False):
+        lines.append(
+            f"| {r.shots} | {r.best_strategy} | {r.test_macro_f1_mean:.4f} ± "
+            f"{r.test_macro_f1_std:.4f} | {r.runner_up} | {r.margin_over_runner_up:+.4f} | "
+            f"{r.margin_over_full:+.4f} |"
+        )
+    lines += ["", "## Mean ± std over seeds", ""]
     lines += [
         "| shots | strategy | seeds | test macro-F1 | test accuracy | trainable | train s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -148,6 +187,51 @@ def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -
     plt.close(fig)
 
 
+def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> None:
+    """Test macro-F1 against the fraction of parameters trained and against training time:
+    one point per run, one colour per strategy, one row of panels per shot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shot_values = list(dict.fromkeys(board["shots"]))
+    strategies = sorted(board["strategy"].unique())
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(strategies)}
+    fig, axes = plt.subplots(
+        len(shot_values), 2, figsize=(10, 3.6 * len(shot_values)), squeeze=False
+    )
+    for row, shots in enumerate(shot_values):
+        part = board[board["shots"] == shots]
+        for column, (x, label, log) in enumerate(
+            [
+                ("trainable_fraction", "fraction of parameters trained", True),
+                ("train_seconds", "training time (s)", False),
+            ]
+        ):
+            ax = axes[row][column]
+            for strategy, runs in part.groupby("strategy"):
+                ax.scatter(
+                    runs[x],
+                    runs["test_macro_f1"],
+                    color=colors[strategy],
+                    label=strategy,
+                    s=30,
+                    alpha=0.85,
+                )
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test macro-F1")
+            ax.set_title(f"{shots} shots per class", fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{experiment}: quality against cost (one point per run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def run_report(metric_files: list[str], experiment: str, outputs: dict[str, str]) -> pd.DataFrame:
     """The ``report`` stage: leaderboard CSV and markdown, summary over seeds, and a plot."""
     board = leaderboard(metric_files)
@@ -156,4 +240,6 @@ def run_report(metric_files: list[str], experiment: str, outputs: dict[str, str]
     summary.to_csv(outputs["summary"], index=False)
     Path(outputs["markdown"]).write_text(to_markdown(board, summary, experiment))
     plot_leaderboard(summary, outputs["plot"], experiment)
+    plot_tradeoffs(board, outputs["tradeoffs"], experiment)
+    best_per_shots(summary).to_csv(outputs["best"], index=False)
     return board

@@ -27,7 +27,7 @@ IMPORTANCE_METRICS = (
     "depth",
     "combined",
 )
-STRATEGY_KINDS = ("full", "head_only")
+STRATEGY_KINDS = ("full", "head_only", "freeze_bottom", "llrd", "importance")
 # Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
 OVERRIDABLE_TRAIN_KEYS = (
     "optimizer",
@@ -221,22 +221,99 @@ class TrainSettings:
             raise
 
 
+LR_MAPPINGS = ("linear", "log", "power", "sigmoid", "rank")
+
+
+@dataclass(frozen=True)
+class FreezeRule:
+    """Which units an importance plan freezes: exactly one of ``fraction`` (of the body's
+    parameters, lowest scores first), ``threshold`` (units whose percentile rank is below it) or
+    ``budget`` (at most this fraction of all parameters trains, chosen to keep the most
+    importance). ``protect`` turns it round: freeze the *most* important units, to keep their
+    pretrained knowledge."""
+
+    fraction: float | None = None
+    threshold: float | None = None
+    budget: float | None = None
+    protect: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("fraction", "threshold", "budget") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"freeze: give exactly one of fraction, threshold, budget (got {given or 'none'})"
+            )
+        value = getattr(self, given[0])
+        if not 0 <= value <= 1:
+            raise ConfigError(f"freeze.{given[0]} = {value} must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LrRule:
+    """Importance learning rates: multiplier = min + (max - min) * f(score), f monotonic in the
+    score (``mapping``: linear, log, power (with ``power``), sigmoid, rank), decreasing instead
+    when ``inverse``. The new head trains at ``max``."""
+
+    mapping: str = "linear"
+    min: float = 0.1
+    max: float = 1.0
+    power: float = 2.0
+    inverse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mapping not in LR_MAPPINGS:
+            raise ConfigError(f"lr.mapping = {self.mapping!r}; allowed: {', '.join(LR_MAPPINGS)}")
+        if not 0 < self.min <= self.max:
+            raise ConfigError(f"lr: need 0 < min <= max, got min={self.min}, max={self.max}")
+        if self.power <= 0:
+            raise ConfigError(f"lr.power = {self.power} must be positive")
+
+
 @dataclass(frozen=True)
 class StrategySettings:
-    """One entry of ``strategies:``: how its freeze plan is made."""
+    """One entry of ``strategies:``: how its freeze plan is made.
+
+    - ``full``: everything trains at the base rate;
+    - ``head_only``: only the task's new head trains;
+    - ``freeze_bottom``: the input layer and the first ``layers`` blocks are frozen;
+    - ``llrd``: layer-wise lr decay, multiplier ``decay ** (distance from the head)``;
+    - ``importance``: from the ``metric`` scores of ``granularity`` units (tensors or layers),
+      a ``freeze`` rule and/or an ``lr`` rule.
+    """
 
     kind: str
     train: dict[str, Any] = field(default_factory=dict)
+    layers: int | None = None
+    decay: float = 0.8
+    metric: str = "combined"
+    granularity: str = "layer"
+    freeze: FreezeRule | None = None
+    lr: LrRule | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STRATEGY_KINDS:
             raise ConfigError(
                 f"strategy kind {self.kind!r} is unknown; allowed: {', '.join(STRATEGY_KINDS)}"
             )
+        if self.kind == "freeze_bottom" and (self.layers is None or self.layers < 0):
+            raise ConfigError("freeze_bottom needs layers: K, the number of blocks to freeze")
+        if self.kind == "llrd" and not 0 < self.decay <= 1:
+            raise ConfigError(f"llrd: decay = {self.decay} must lie in (0, 1]")
+        if self.granularity not in ("tensor", "layer"):
+            raise ConfigError(f"granularity = {self.granularity!r}; allowed: tensor, layer")
+        if self.kind == "importance" and self.freeze is None and self.lr is None:
+            raise ConfigError("an importance strategy needs a freeze rule, an lr rule, or both")
+        if self.metric not in IMPORTANCE_METRICS:
+            raise ConfigError(f"metric = {self.metric!r}; allowed: {', '.join(IMPORTANCE_METRICS)}")
 
     @classmethod
     def from_config(cls, name: str, spec: Mapping[str, Any]) -> Self:
+        spec = dict(spec)
         try:
+            if spec.get("freeze") is not None:
+                spec["freeze"] = _from_mapping(FreezeRule, spec["freeze"], "freeze")
+            if spec.get("lr") is not None:
+                spec["lr"] = _from_mapping(LrRule, spec["lr"], "lr")
             return _from_mapping(cls, spec, f"strategies.{name}")
         except ConfigError as err:
             raise ConfigError(f"strategies.{name}: {err}") from None
