@@ -28,6 +28,7 @@ def test_full_trains_everything(scores):
         "params": 167,
         "trainable_params": 167,
         "trainable_fraction": 1.0,
+        "scheduled_tensors": 0,
     }
 
 
@@ -212,3 +213,25 @@ def test_plan_png(scored, tmp_path):
         tmp_path / "p.png",
     )
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_gradual_unfreezing_thaws_from_the_top(scored):
+    p = plan(scored, kind="gradual_unfreeze", every=2)
+    start = {t.layer: t.unfreeze_epoch for t in p.tensors}
+    assert start == {"head": 1, "block02": 3, "block01": 5, "input": 7}
+    assert p.totals["trainable_fraction"] == 1.0 and p.totals["scheduled_tensors"] == 5
+
+
+def test_gradual_unfreezing_by_importance(scored):
+    # per-element Fisher by layer: block02 0.19 > block01 0.039 > input 0.01
+    p = plan(scored, kind="gradual_unfreeze", order="importance", metric="fisher")
+    order = sorted({(t.unfreeze_epoch, t.layer) for t in p.tensors})
+    assert [layer for _, layer in order] == ["head", "block02", "block01", "input"]
+
+
+def test_fastai_fine_tune(scored):
+    p = plan(scored, kind="fastai_fine_tune", frozen_epochs=1, min_multiplier=0.01)
+    by_layer = {t.layer: (t.unfreeze_epoch, t.lr_multiplier) for t in p.tensors}
+    assert by_layer["head"] == (1, 1.0)
+    assert by_layer["input"] == (2, pytest.approx(0.01))
+    assert by_layer["block01"] == (2, pytest.approx(0.01 ** (2 / 3)))

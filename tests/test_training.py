@@ -87,3 +87,26 @@ def test_same_seed_same_result(tiny_bert_dir):
         return torch.cat([p.detach().flatten() for p in task.model.parameters()])
 
     assert torch.equal(run(), run())
+
+
+def test_scheduled_tensors_wait_for_their_epoch(task):
+    model = task.model
+    plan = Plan(
+        "gradual",
+        "gradual_unfreeze",
+        [
+            TensorPlan(n, "l", 0, p.numel(), False, 1.0, "", 1 if n.startswith("classifier") else 2)
+            for n, p in model.named_parameters()
+        ],
+    )
+    from adaptune.optim import apply_plan
+
+    apply_plan(model, plan, epoch=2)
+    assert all(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=1e-2, epochs=1, batch_size=8)
+    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, 0, torch.device("cpu"))
+    for name, param in model.named_parameters():
+        head = name.startswith("classifier")
+        assert torch.equal(before[name], param.detach()) != head, name
+        assert (param.grad is None) != head, name

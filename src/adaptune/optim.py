@@ -20,9 +20,10 @@ from adaptune.plans import Plan
 from adaptune.settings import TrainSettings
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> None:
-    """Set ``requires_grad`` of every parameter from the plan; the plan must name exactly the
-    model's parameters."""
+def apply_plan(model: nn.Module, plan: Plan, epoch: int = 1) -> None:
+    """Set ``requires_grad`` of every parameter from the plan as it stands in ``epoch`` (a
+    tensor trains once it is not frozen and its ``unfreeze_epoch`` has come); the plan must name
+    exactly the model's parameters."""
     params = dict(model.named_parameters())
     planned = {t.name for t in plan.tensors}
     missing, extra = sorted(set(params) - planned), sorted(planned - set(params))
@@ -34,13 +35,15 @@ def apply_plan(model: nn.Module, plan: Plan) -> None:
             "Rerun score_importance and make_freeze_plan."
         )
     for tensor in plan.tensors:
-        params[tensor.name].requires_grad_(not tensor.frozen)
+        params[tensor.name].requires_grad_(not tensor.frozen and tensor.unfreeze_epoch <= epoch)
 
 
 def param_groups(
     model: nn.Module, plan: Plan, weight_decay: float, decay_norm_and_bias: bool = False
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups from a plan (applies the plan to ``model`` first).
+    """Optimizer parameter groups from a plan (applies the plan, as of epoch 1, to ``model``
+    first). Tensors thawed in later epochs are in their groups from the start; until then they
+    have no gradient, so the optimizer skips them and keeps no state for them.
 
     No weight decay for tensors of one dimension or fewer (biases, norm scales) unless
     ``decay_norm_and_bias``.

@@ -30,6 +30,9 @@ class TensorPlan:
     frozen: bool
     lr_multiplier: float
     reason: str
+    # First epoch (from 1) in which a tensor that is not frozen trains: >1 for tensors thawed
+    # later by gradual unfreezing.
+    unfreeze_epoch: int = 1
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Plan:
             "params": params,
             "trainable_params": trainable,
             "trainable_fraction": trainable / params if params else 0.0,
+            "scheduled_tensors": sum(t.unfreeze_epoch > 1 for t in self.tensors),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +123,9 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _tensor(row: Any, frozen: bool, lr_multiplier: float, reason: str) -> TensorPlan:
+def _tensor(
+    row: Any, frozen: bool, lr_multiplier: float, reason: str, unfreeze_epoch: int = 1
+) -> TensorPlan:
     return TensorPlan(
         name=row.name,
         layer=row.layer,
@@ -128,6 +134,7 @@ def _tensor(row: Any, frozen: bool, lr_multiplier: float, reason: str) -> Tensor
         frozen=frozen,
         lr_multiplier=0.0 if frozen else float(lr_multiplier),
         reason=reason,
+        unfreeze_epoch=1 if frozen else int(unfreeze_epoch),
     )
 
 
@@ -296,6 +303,55 @@ def _llrd_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorP
     ]
 
 
+def _layer_order(scores: pd.DataFrame, strategy: StrategySettings) -> list[int]:
+    """Layer indices in thawing order: the head first, then from the top down, or by the
+    strategy's importance metric (most important first)."""
+    head = sorted(scores.loc[scores["is_head"], "layer_index"].unique())
+    body = scores[~scores["is_head"]]
+    if strategy.order == "importance":
+        from adaptune.importance import layer_table
+
+        layers = layer_table(scores)
+        column = _metric_column(layers, strategy.metric)
+        ranked = layers[~layers["layer_index"].isin(head)].sort_values(column, ascending=False)
+        return [*head, *ranked["layer_index"].astype(int)]
+    return [*head, *sorted(body["layer_index"].unique(), reverse=True)]
+
+
+def _gradual_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorPlan]:
+    """Gradual unfreezing (Howard & Ruder 2018, ULMFiT): the head trains from epoch 1, then one
+    more layer every ``every`` epochs, from the top down or by importance."""
+    order = _layer_order(scores, strategy)
+    head_layers = scores.loc[scores["is_head"], "layer_index"].nunique()
+    start = {
+        layer: 1 + max(0, position - head_layers + 1) * strategy.every
+        for position, layer in enumerate(order)
+    }
+    return [
+        _tensor(
+            row,
+            False,
+            1.0,
+            f"gradual_unfreeze ({strategy.order}): trains from epoch {start[row.layer_index]}",
+            start[row.layer_index],
+        )
+        for row in scores.itertuples(index=False)
+    ]
+
+
+def _fastai_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[TensorPlan]:
+    """fastai's ``fine_tune``: the head alone for ``frozen_epochs`` epochs, then everything with
+    discriminative rates, geometric from ``min_multiplier`` (input layer) to 1 (head)."""
+    top = int(scores["layer_index"].max()) or 1
+    tensors = []
+    for row in scores.itertuples(index=False):
+        multiplier = strategy.min_multiplier ** ((top - int(row.layer_index)) / top)
+        start = 1 if row.is_head else 1 + strategy.frozen_epochs
+        reason = f"fastai fine_tune: lr x{multiplier:.3g} from epoch {start}"
+        tensors.append(_tensor(row, False, multiplier, reason, start))
+    return tensors
+
+
 def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> Plan:
     """Make strategy ``name``'s plan from the importance score table."""
     rows = list(scores.itertuples(index=False))
@@ -319,6 +375,10 @@ def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> P
         tensors = _llrd_plan(scores, strategy)
     elif strategy.kind == "importance":
         tensors = _importance_plan(scores, strategy)
+    elif strategy.kind == "gradual_unfreeze":
+        tensors = _gradual_plan(scores, strategy)
+    elif strategy.kind == "fastai_fine_tune":
+        tensors = _fastai_plan(scores, strategy)
     else:
         raise PlanError(f"strategies.{name}: no plan builder for kind {strategy.kind!r}")
     return Plan(strategy=name, kind=strategy.kind, tensors=tensors, settings=asdict(strategy))

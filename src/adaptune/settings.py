@@ -27,7 +27,15 @@ IMPORTANCE_METRICS = (
     "depth",
     "combined",
 )
-STRATEGY_KINDS = ("full", "head_only", "freeze_bottom", "llrd", "importance")
+STRATEGY_KINDS = (
+    "full",
+    "head_only",
+    "freeze_bottom",
+    "llrd",
+    "importance",
+    "gradual_unfreeze",
+    "fastai_fine_tune",
+)
 # Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
 OVERRIDABLE_TRAIN_KEYS = (
     "optimizer",
@@ -278,7 +286,11 @@ class StrategySettings:
     - ``freeze_bottom``: the input layer and the first ``layers`` blocks are frozen;
     - ``llrd``: layer-wise lr decay, multiplier ``decay ** (distance from the head)``;
     - ``importance``: from the ``metric`` scores of ``granularity`` units (tensors or layers),
-      a ``freeze`` rule and/or an ``lr`` rule.
+      a ``freeze`` rule and/or an ``lr`` rule;
+    - ``gradual_unfreeze``: the head first, then one more layer every ``every`` epochs, in
+      ``order`` top_down or by importance (``metric``);
+    - ``fastai_fine_tune``: the head alone for ``frozen_epochs``, then all layers with rates from
+      ``min_multiplier`` (input) to 1 (head).
     """
 
     kind: str
@@ -289,6 +301,10 @@ class StrategySettings:
     granularity: str = "layer"
     freeze: FreezeRule | None = None
     lr: LrRule | None = None
+    order: str = "top_down"
+    every: int = 1
+    frozen_epochs: int = 1
+    min_multiplier: float = 0.01
 
     def __post_init__(self) -> None:
         if self.kind not in STRATEGY_KINDS:
@@ -299,6 +315,12 @@ class StrategySettings:
             raise ConfigError("freeze_bottom needs layers: K, the number of blocks to freeze")
         if self.kind == "llrd" and not 0 < self.decay <= 1:
             raise ConfigError(f"llrd: decay = {self.decay} must lie in (0, 1]")
+        if self.order not in ("top_down", "importance"):
+            raise ConfigError(f"order = {self.order!r}; allowed: top_down, importance")
+        if self.every < 1 or self.frozen_epochs < 0:
+            raise ConfigError("every must be at least 1 and frozen_epochs at least 0")
+        if not 0 < self.min_multiplier <= 1:
+            raise ConfigError(f"min_multiplier = {self.min_multiplier} must lie in (0, 1]")
         if self.granularity not in ("tensor", "layer"):
             raise ConfigError(f"granularity = {self.granularity!r}; allowed: tensor, layer")
         if self.kind == "importance" and self.freeze is None and self.lr is None:

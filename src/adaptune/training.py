@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from adaptune.data import iterate_batches
 from adaptune.evaluation import classification_metrics
 from adaptune.models import forward
-from adaptune.optim import build_optimizer, param_groups, warmup_linear_schedule
+from adaptune.optim import apply_plan, build_optimizer, param_groups, warmup_linear_schedule
 from adaptune.plans import Plan
 from adaptune.settings import TrainSettings
 
@@ -121,6 +121,9 @@ def finetune(
     best: tuple[float, int, list[torch.Tensor]] | None = None
     train_seconds = 0.0
     for epoch in range(1, settings.epochs + 1):
+        if plan.totals["scheduled_tensors"]:
+            apply_plan(model, plan, epoch)
+            log.info("epoch %d: %d tensors train", epoch, sum(p.requires_grad for p in trainable))
         model.train()
         start = time.perf_counter()
         losses = []
