@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -107,3 +108,29 @@ def test_group_learning_rates_follow_multipliers_through_the_schedule():
         lrs = {g["lr_multiplier"]: g["lr"] for g in optimizer.param_groups}
         assert lrs[4.0] == pytest.approx(4.0 * lrs[1.0])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 5 / 8)
+
+
+def test_auto_rgn_sets_lr_by_relative_gradient_norm():
+    from adaptune.optim import AutoRGN
+
+    model = tiny_net()
+    groups = param_groups(model, plan_for(model), 0.0, per_tensor=True)
+    assert [g["names"] for g in groups] == [[n] for n, _ in model.named_parameters()]
+    optimizer = build_optimizer(groups, TrainSettings(lr=0.1, optimizer="sgd"))
+    scheduler = warmup_linear_schedule(optimizer, total_steps=10, warmup_ratio=0.0)
+    dynamics = AutoRGN(optimizer, scheduler, base_lr=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    ratios = [float(p.grad.norm() / p.detach().norm()) for p in model.parameters()]
+    top = max(r for r in ratios if np.isfinite(r))
+    dynamics.before_step(first_step_of_epoch=True)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    # The LayerNorm bias starts at zero: no relative norm, so the base rate.
+    assert lrs == pytest.approx([0.1 * r / top if np.isfinite(r) else 0.1 for r in ratios])
+    assert max(g["lr_multiplier"] for g in optimizer.param_groups) == 1.0
+    scheduler.step()  # the schedule keeps scaling the new rates
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9 * lr for lr in lrs])
+    for p in model.parameters():
+        p.grad = 3 * p.grad
+    dynamics.before_step(first_step_of_epoch=False)  # only the first step of an epoch re-measures
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9 * lr for lr in lrs])

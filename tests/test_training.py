@@ -110,3 +110,19 @@ def test_scheduled_tensors_wait_for_their_epoch(task):
         head = name.startswith("classifier")
         assert torch.equal(before[name], param.detach()) != head, name
         assert (param.grad is None) != head, name
+
+
+def test_childtuning_d_trains_only_the_top_fisher_weights(task):
+    model = task.model
+    plan = Plan(
+        "child",
+        "childtuning_d",
+        [TensorPlan(n, "l", 0, p.numel(), False, 1.0, "") for n, p in model.named_parameters()],
+        settings={"p": 0.05},
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=1, batch_size=8)
+    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, 0, torch.device("cpu"))
+    total = sum(p.numel() for p in model.parameters())
+    changed = sum(int((before[n] != p.detach()).sum()) for n, p in model.named_parameters())
+    assert 0 < changed <= round(0.05 * total) + 1

@@ -39,25 +39,31 @@ def apply_plan(model: nn.Module, plan: Plan, epoch: int = 1) -> None:
 
 
 def param_groups(
-    model: nn.Module, plan: Plan, weight_decay: float, decay_norm_and_bias: bool = False
+    model: nn.Module,
+    plan: Plan,
+    weight_decay: float,
+    decay_norm_and_bias: bool = False,
+    per_tensor: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups from a plan (applies the plan, as of epoch 1, to ``model``
     first). Tensors thawed in later epochs are in their groups from the start; until then they
     have no gradient, so the optimizer skips them and keeps no state for them.
 
     No weight decay for tensors of one dimension or fewer (biases, norm scales) unless
-    ``decay_norm_and_bias``.
+    ``decay_norm_and_bias``. ``per_tensor`` gives every tensor its own group, for strategies
+    whose multipliers change per tensor during training (Auto-RGN).
     """
     apply_plan(model, plan)
     params = dict(model.named_parameters())
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    groups: dict[tuple, dict[str, Any]] = {}
     for tensor in plan.tensors:
         if tensor.frozen:
             continue
         param = params[tensor.name]
         decay = weight_decay if (param.ndim > 1 or decay_norm_and_bias) else 0.0
+        key = (tensor.name,) if per_tensor else (tensor.lr_multiplier, decay)
         group = groups.setdefault(
-            (tensor.lr_multiplier, decay),
+            key,
             {
                 "params": [],
                 "names": [],
@@ -105,3 +111,68 @@ def warmup_linear_schedule(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Dynamics:
+    """What a strategy changes while training, beyond its fixed plan: called by the training
+    loop after each backward pass, before the optimizer step. The base class changes nothing."""
+
+    per_tensor_groups = False
+
+    def before_step(self, first_step_of_epoch: bool) -> None:
+        """Adjust gradients or learning rates for the coming optimizer step."""
+
+
+class AutoRGN(Dynamics):
+    """Auto-RGN (Lee et al. 2023, Surgical Fine-Tuning): each tensor's lr is proportional to its
+    relative gradient norm ||g|| / ||w||, normalised by the largest, recomputed at the first step
+    of every epoch from that step's gradients (no extra pass). A tensor with ||w|| = 0 (a bias
+    initialised to zero) has no relative norm; it trains at the base rate."""
+
+    per_tensor_groups = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        base_lr: float,
+    ) -> None:
+        self.optimizer, self.scheduler, self.base_lr = optimizer, scheduler, base_lr
+
+    def before_step(self, first_step_of_epoch: bool) -> None:
+        if not first_step_of_epoch:
+            return
+        ratios: list[float | None] = []
+        for group in self.optimizer.param_groups:
+            (param,) = group["params"]
+            weight = float(param.detach().norm())
+            grad = 0.0 if param.grad is None else float(param.grad.norm())
+            ratios.append(grad / weight if weight > 0 else None)
+        top = max((r for r in ratios if r is not None), default=0.0) or 1.0
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for i, (group, ratio) in enumerate(zip(self.optimizer.param_groups, ratios, strict=True)):
+            group["lr_multiplier"] = 1.0 if ratio is None else ratio / top
+            self.scheduler.base_lrs[i] = self.base_lr * group["lr_multiplier"]
+            group["lr"] = self.scheduler.base_lrs[i] * factor
+
+
+class ChildTuningD(Dynamics):
+    """ChildTuning-D (Xu et al. 2021): only the ``p`` fraction of trainable weights with the
+    largest Fisher information on the task data train; the gradient of every other weight is
+    masked to zero. The mask is fixed before training; (decoupled) weight decay still applies
+    to all trainable weights."""
+
+    def __init__(self, params: list[torch.Tensor], fisher: list[torch.Tensor], p: float) -> None:
+        flat = torch.cat([f.flatten() for f in fisher])
+        keep = max(1, round(p * flat.numel()))
+        threshold = torch.topk(flat, keep, sorted=False).values.min()
+        self.masks = [
+            (f >= threshold).to(param.dtype) for f, param in zip(fisher, params, strict=True)
+        ]
+        self.params = params
+        self.kept = int(sum(m.sum() for m in self.masks))
+
+    def before_step(self, first_step_of_epoch: bool) -> None:
+        for param, mask in zip(self.params, self.masks, strict=True):
+            if param.grad is not None:
+                param.grad.mul_(mask)

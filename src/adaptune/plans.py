@@ -379,6 +379,12 @@ def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> P
         tensors = _gradual_plan(scores, strategy)
     elif strategy.kind == "fastai_fine_tune":
         tensors = _fastai_plan(scores, strategy)
+    elif strategy.kind == "auto_rgn":
+        reason = "auto_rgn: lr x ||g||/||w|| relative to the largest, recomputed every epoch"
+        tensors = [_tensor(r, False, 1.0, reason) for r in rows]
+    elif strategy.kind == "childtuning_d":
+        reason = f"childtuning_d: only the top {strategy.p:.0%} of weights by task Fisher train"
+        tensors = [_tensor(r, False, 1.0, reason) for r in rows]
     else:
         raise PlanError(f"strategies.{name}: no plan builder for kind {strategy.kind!r}")
     return Plan(strategy=name, kind=strategy.kind, tensors=tensors, settings=asdict(strategy))

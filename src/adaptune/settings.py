@@ -35,6 +35,8 @@ STRATEGY_KINDS = (
     "importance",
     "gradual_unfreeze",
     "fastai_fine_tune",
+    "auto_rgn",
+    "childtuning_d",
 )
 # Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
 OVERRIDABLE_TRAIN_KEYS = (
@@ -290,7 +292,10 @@ class StrategySettings:
     - ``gradual_unfreeze``: the head first, then one more layer every ``every`` epochs, in
       ``order`` top_down or by importance (``metric``);
     - ``fastai_fine_tune``: the head alone for ``frozen_epochs``, then all layers with rates from
-      ``min_multiplier`` (input) to 1 (head).
+      ``min_multiplier`` (input) to 1 (head);
+    - ``auto_rgn``: Surgical fine-tuning's Auto-RGN, lr per tensor from its relative gradient
+      norm, recomputed every epoch;
+    - ``childtuning_d``: ChildTuning-D, only the top ``p`` of weights by task Fisher train.
     """
 
     kind: str
@@ -305,6 +310,7 @@ class StrategySettings:
     every: int = 1
     frozen_epochs: int = 1
     min_multiplier: float = 0.01
+    p: float = 0.3
 
     def __post_init__(self) -> None:
         if self.kind not in STRATEGY_KINDS:
@@ -319,6 +325,8 @@ class StrategySettings:
             raise ConfigError(f"order = {self.order!r}; allowed: top_down, importance")
         if self.every < 1 or self.frozen_epochs < 0:
             raise ConfigError("every must be at least 1 and frozen_epochs at least 0")
+        if not 0 < self.p <= 1:
+            raise ConfigError(f"p = {self.p} must lie in (0, 1]")
         if not 0 < self.min_multiplier <= 1:
             raise ConfigError(f"min_multiplier = {self.min_multiplier} must lie in (0, 1]")
         if self.granularity not in ("tensor", "layer"):

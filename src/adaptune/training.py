@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from adaptune.data import iterate_batches
 from adaptune.evaluation import classification_metrics
 from adaptune.models import forward
-from adaptune.optim import apply_plan, build_optimizer, param_groups, warmup_linear_schedule
+from adaptune.optim import (
+    AutoRGN,
+    ChildTuningD,
+    Dynamics,
+    apply_plan,
+    build_optimizer,
+    param_groups,
+    warmup_linear_schedule,
+)
 from adaptune.plans import Plan
 from adaptune.settings import TrainSettings
 
@@ -73,6 +81,57 @@ def predict(
     return torch.cat(outputs).numpy()
 
 
+def task_fisher(
+    model: nn.Module, train: pd.DataFrame, batch_size: int, pad_token_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Elementwise empirical Fisher information of the task loss on the training split, for
+    ChildTuning-D's mask (eval mode, like the importance stage)."""
+    from adaptune.importance import gradient_moments
+
+    batches = [
+        {k: v.to(device) for k, v in b.items()}
+        for b in iterate_batches(train, batch_size, pad_token_id)
+    ]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        return gradient_moments(model, batches)[1]
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+
+def make_dynamics(
+    plan: Plan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    settings: TrainSettings,
+    fisher: dict[str, torch.Tensor] | None,
+) -> Dynamics:
+    """The plan's training-time behaviour: Auto-RGN, ChildTuning-D, or none."""
+    if plan.kind == "auto_rgn":
+        return AutoRGN(optimizer, scheduler, settings.lr)
+    if plan.kind == "childtuning_d":
+        assert fisher is not None
+        names = [n for g in optimizer.param_groups for n in g["names"]]
+        params = dict(model.named_parameters())
+        dynamics = ChildTuningD(
+            [params[n] for n in names], [fisher[n] for n in names], plan.settings["p"]
+        )
+        log.info(
+            "ChildTuning-D: %d of %d trainable weights keep their gradient",
+            dynamics.kept,
+            sum(params[n].numel() for n in names),
+        )
+        return dynamics
+    return Dynamics()
+
+
 @dataclass
 class TrainResult:
     history: pd.DataFrame
@@ -100,12 +159,24 @@ def finetune(
     """
     seed_everything(seed)
     model.to(device)
-    groups = param_groups(model, plan, settings.weight_decay, settings.decay_norm_and_bias)
+    fisher = (
+        task_fisher(model, train, settings.batch_size, pad_token_id, device)
+        if plan.kind == "childtuning_d"
+        else None
+    )
+    groups = param_groups(
+        model,
+        plan,
+        settings.weight_decay,
+        settings.decay_norm_and_bias,
+        per_tensor=plan.kind == "auto_rgn",
+    )
     optimizer = build_optimizer(groups, settings)
     steps_per_epoch = -(-len(train) // settings.batch_size)
     scheduler = warmup_linear_schedule(
         optimizer, steps_per_epoch * settings.epochs, settings.warmup_ratio
     )
+    dynamics = make_dynamics(plan, model, optimizer, scheduler, settings, fisher)
     trainable = [p for g in groups for p in g["params"]]
     names = [n for g in groups for n in g["names"]]
     log.info(
@@ -128,13 +199,16 @@ def finetune(
         start = time.perf_counter()
         losses = []
         batches = iterate_batches(train, settings.batch_size, pad_token_id, True, generator)
-        for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10):
+        for step, batch in enumerate(
+            tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
+        ):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, settings.precision):
                 logits = forward(model, batch)
             loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dynamics.before_step(first_step_of_epoch=step == 0)
             if settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             optimizer.step()
