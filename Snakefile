@@ -15,6 +15,7 @@ include: "rules/importance.smk"
 include: "rules/plan.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/baseline.smk"
 include: "rules/report.smk"
 
 

@@ -19,9 +19,11 @@ REPORT = EXP / "report"
 LOGS = EXP / "logs"
 BENCH = EXP / "benchmarks"
 RUN = RUNS / "{strategy}/k{shots}/seed{seed}"
+BASELINE_RUN = EXP / "baselines/{baseline}/k{shots}"
 
 SHOTS = [str(shots) for shots in config["data"]["shots"]]
 STRATEGIES = list(config["strategies"])
+BASELINES = config["baselines"]
 SEEDS = config["train"]["seeds"]
 
 
@@ -68,4 +70,6 @@ def mlflow_settings(wildcards=None):
 
 
 def all_run_metrics(wildcards=None):
-    return expand(RUN / "metrics.json", strategy=STRATEGIES, shots=SHOTS, seed=SEEDS)
+    runs = expand(RUN / "metrics.json", strategy=STRATEGIES, shots=SHOTS, seed=SEEDS)
+    baselines = expand(BASELINE_RUN / "metrics.json", baseline=BASELINES, shots=SHOTS)
+    return runs + baselines

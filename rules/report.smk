@@ -2,6 +2,7 @@ localrules:
     create_mlflow_experiment,
     sample_few_shot,
     make_freeze_plan,
+    fit_baseline,
     report,
 
 

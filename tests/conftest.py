@@ -132,6 +132,7 @@ def tiny_config(model_dir: Path, experiment: str = "tiny", **data: object) -> di
             "full": {"kind": "full"},
             "head_only": {"kind": "head_only", "train": {"lr": 1e-3}},
         },
+        "baselines": ["tfidf_logreg"],
         "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 128, "seeds": [0]},
         "mlflow": {"tracking_uri": "sqlite:///results/mlflow.db"},
     }

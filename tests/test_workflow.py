@@ -52,6 +52,7 @@ def test_leaderboard_has_every_run_with_real_metrics(workflow):
         ("full", 1),
         ("head_only", 0),
         ("head_only", 1),
+        ("tfidf_logreg", 0),
     ]
     for column in ("test_accuracy", "test_macro_f1", "trainable_fraction"):
         assert board[column].between(0, 1).all()
@@ -100,8 +101,10 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
     db = workflow.root / "results/mlflow.db"
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'finetune'")
     assert len(runs) == 4
+    baseline = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
+    assert len(baseline) == 1 and "test_macro_f1" in baseline[0].data.metrics
     for run in runs:
         assert run.info.status == "FINISHED"
         params, metrics = run.data.params, run.data.metrics
@@ -130,7 +133,7 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
         evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/confusion.png" in evaluation
     connection = sqlite3.connect(db)
-    assert connection.execute("select count(*) from runs").fetchone()[0] == 4
+    assert connection.execute("select count(*) from runs").fetchone()[0] == 5
 
 
 def test_a_second_run_has_nothing_to_do(workflow):
@@ -162,6 +165,7 @@ def test_changing_importance_does_not_rerun_data_preparation(changed):
 def test_a_new_shot_count_only_adds_its_jobs(changed):
     jobs = changed(lambda c: c["data"].update(shots=[4, 8]))
     assert jobs == {
+        "fit_baseline": 1,
         "sample_few_shot": 1,
         "score_importance": 1,
         "make_freeze_plan": 2,
@@ -187,7 +191,8 @@ def test_rerunning_evaluate_logs_into_the_same_mlflow_run(workflow):
 
     workflow.run("--cores", "2", "--forcerun", "evaluate", "--until", "evaluate")
     client = mlflow.MlflowClient(f"sqlite:///{workflow.root / 'results/mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    runs = client.search_runs([experiment], "tags.stage = 'finetune'")
     assert len(runs) == 4
     history = client.get_metric_history(runs[0].info.run_id, "test_accuracy")
     assert len(history) == 2 and history[0].value == history[1].value

@@ -26,8 +26,15 @@ LEADERBOARD_COLUMNS = [
 
 
 def percent(fraction: float) -> str:
-    """0.0000847 -> '0.00847%', 1.0 -> '100%': three significant digits at any scale."""
+    """0.0000847 -> '0.00847%', 1.0 -> '100%': three significant digits at any scale; '–'
+    where it does not apply (a baseline that fine-tunes nothing)."""
+    if fraction is None or pd.isna(fraction):
+        return "–"
     return f"{100 * fraction:.3g}%"
+
+
+def _epoch(value: float | None) -> str:
+    return "–" if value is None or pd.isna(value) else str(int(value))
 
 
 def _shots_order(shots: pd.Series) -> pd.Series:
@@ -134,7 +141,7 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
         lines.append(
             f"| {r.shots} | {r.strategy} | {r.seed} | {r.test_macro_f1:.4f} | "
             f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {percent(r.trainable_fraction)} | "
-            f"{r.train_seconds:.1f} | {r.best_epoch} |"
+            f"{r.train_seconds:.1f} | {_epoch(r.best_epoch)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,19 @@
+rule fit_baseline:
+    input:
+        train=DATA / "train_k{shots}.parquet",
+        test=DATA / "test.parquet",
+        info=DATA / "data.json",
+        experiment=EXP / "mlflow_experiment.json",
+    output:
+        metrics=BASELINE_RUN / "metrics.json",
+        per_class=BASELINE_RUN / "per_class.csv",
+        confusion=BASELINE_RUN / "confusion.csv",
+        confusion_png=BASELINE_RUN / "confusion.png",
+    log:
+        LOGS / "fit_baseline/{baseline}/k{shots}.log",
+    benchmark:
+        BENCH / "fit_baseline/{baseline}/k{shots}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/fit_baseline.py"
