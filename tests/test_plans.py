@@ -243,3 +243,9 @@ def test_dynamic_strategies_train_everything_and_say_why(scored):
     assert rgn.totals["trainable_fraction"] == child.totals["trainable_fraction"] == 1.0
     assert "||g||/||w||" in rgn.tensors[0].reason and "top 20%" in child.tensors[0].reason
     assert child.settings["p"] == 0.2
+
+
+def test_lora_plan_freezes_the_body(scored):
+    p = plan(scored, kind="lora", r=4)
+    assert trained(p) == ["head.w", "head.b"]
+    assert p.settings["r"] == 4 and "rank-4 adapters" in p.tensors[0].reason

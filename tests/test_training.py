@@ -126,3 +126,34 @@ def test_childtuning_d_trains_only_the_top_fisher_weights(task):
     total = sum(p.numel() for p in model.parameters())
     changed = sum(int((before[n] != p.detach()).sum()) for n, p in model.named_parameters())
     assert 0 < changed <= round(0.05 * total) + 1
+
+
+def test_lora_trains_adapters_only_and_merges_into_a_plain_model(task, tiny_bert_dir, tmp_path):
+    from adaptune.adapters import attention_projections
+    from adaptune.models import load_finetuned
+
+    model = task.model
+    targets = attention_projections(model, task.head)
+    assert "bert.encoder.layer.1.attention.self.query" in targets and len(targets) == 8
+    plan = Plan(
+        "lora",
+        "lora",
+        [
+            TensorPlan(n, "l", 0, p.numel(), not n.startswith("classifier"), 1.0, "")
+            for n, p in model.named_parameters()
+        ],
+        settings={"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": None},
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=5e-3, epochs=1, batch_size=8, warmup_ratio=0.0)
+    val = frame(9, 1)
+    result = finetune(model, plan, frame(16, 0), val, settings, 0, 0, torch.device("cpu"))
+    # adapters: 8 projections x r x (in + out) = 8 x 4 x 64, plus the head
+    assert result.trainable_params == 8 * 4 * 64 + 32 * 3 + 3
+    assert set(before) == {n for n, _ in model.named_parameters()}  # merged and unloaded
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {f"{t}.weight" for t in targets} | {"classifier.weight", "classifier.bias"}
+    logits = predict(model, val, 16, 0, torch.device("cpu"))
+    model.save_pretrained(tmp_path)
+    reloaded = predict(load_finetuned(tmp_path), val, 16, 0, torch.device("cpu"))
+    np.testing.assert_allclose(reloaded, logits, atol=1e-5)

@@ -355,7 +355,7 @@ def _fastai_plan(scores: pd.DataFrame, strategy: StrategySettings) -> list[Tenso
 def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> Plan:
     """Make strategy ``name``'s plan from the importance score table."""
     rows = list(scores.itertuples(index=False))
-    if strategy.kind in ("head_only", "importance") and not scores["is_head"].any():
+    if strategy.kind in ("head_only", "importance", "lora") and not scores["is_head"].any():
         raise PlanError(f"{strategy.kind}: the score table marks no tensor as the head")
     if strategy.kind == "full":
         tensors = [_tensor(r, False, 1.0, "full: every tensor trains") for r in rows]
@@ -382,6 +382,18 @@ def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> P
     elif strategy.kind == "auto_rgn":
         reason = "auto_rgn: lr x ||g||/||w|| relative to the largest, recomputed every epoch"
         tensors = [_tensor(r, False, 1.0, reason) for r in rows]
+    elif strategy.kind == "lora":
+        tensors = [
+            _tensor(
+                r,
+                not r.is_head,
+                1.0,
+                "head: new for the task"
+                if r.is_head
+                else f"lora: frozen; rank-{strategy.r} adapters on attention projections train",
+            )
+            for r in rows
+        ]
     elif strategy.kind == "childtuning_d":
         reason = f"childtuning_d: only the top {strategy.p:.0%} of weights by task Fisher train"
         tensors = [_tensor(r, False, 1.0, reason) for r in rows]

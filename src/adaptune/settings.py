@@ -37,6 +37,7 @@ STRATEGY_KINDS = (
     "fastai_fine_tune",
     "auto_rgn",
     "childtuning_d",
+    "lora",
 )
 # Keys of ``train`` that a strategy may override: everything that shapes the optimisation.
 OVERRIDABLE_TRAIN_KEYS = (
@@ -295,7 +296,9 @@ class StrategySettings:
       ``min_multiplier`` (input) to 1 (head);
     - ``auto_rgn``: Surgical fine-tuning's Auto-RGN, lr per tensor from its relative gradient
       norm, recomputed every epoch;
-    - ``childtuning_d``: ChildTuning-D, only the top ``p`` of weights by task Fisher train.
+    - ``childtuning_d``: ChildTuning-D, only the top ``p`` of weights by task Fisher train;
+    - ``lora``: LoRA adapters of rank ``r`` on the attention projections (or ``targets``),
+      the pretrained body frozen, the head trained.
     """
 
     kind: str
@@ -311,6 +314,10 @@ class StrategySettings:
     frozen_epochs: int = 1
     min_multiplier: float = 0.01
     p: float = 0.3
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STRATEGY_KINDS:
@@ -325,6 +332,8 @@ class StrategySettings:
             raise ConfigError(f"order = {self.order!r}; allowed: top_down, importance")
         if self.every < 1 or self.frozen_epochs < 0:
             raise ConfigError("every must be at least 1 and frozen_epochs at least 0")
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("lora: need r >= 1, alpha > 0 and 0 <= dropout < 1")
         if not 0 < self.p <= 1:
             raise ConfigError(f"p = {self.p} must lie in (0, 1]")
         if not 0 < self.min_multiplier <= 1:

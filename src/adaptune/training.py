@@ -135,6 +135,7 @@ def make_dynamics(
 @dataclass
 class TrainResult:
     history: pd.DataFrame
+    trainable_params: int
     best_epoch: int
     best_val_macro_f1: float
     train_seconds: float
@@ -171,6 +172,21 @@ def finetune(
         settings.decay_norm_and_bias,
         per_tensor=plan.kind == "auto_rgn",
     )
+    lora = plan.kind == "lora"
+    if lora:
+        from adaptune.adapters import add_lora
+
+        head = [t.name for t in plan.tensors if not t.frozen]
+        adapters = add_lora(model, plan.settings, head)
+        model.to(device)
+        groups.append(
+            {
+                "params": list(adapters.values()),
+                "names": list(adapters),
+                "lr_multiplier": 1.0,
+                "weight_decay": settings.weight_decay,
+            }
+        )
     optimizer = build_optimizer(groups, settings)
     steps_per_epoch = -(-len(train) // settings.batch_size)
     scheduler = warmup_linear_schedule(
@@ -250,8 +266,16 @@ def finetune(
         for param, saved in zip(trainable, best[2], strict=True):
             param.copy_(saved)
     log.info("best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(names))
+    if lora:
+        from adaptune.adapters import merge_lora
+
+        log.info("LoRA merged into %d modules", merge_lora(model))
+    trained = (
+        dynamics.kept if isinstance(dynamics, ChildTuningD) else sum(p.numel() for p in trainable)
+    )
     return TrainResult(
         history=pd.DataFrame(history),
+        trainable_params=trained,
         best_epoch=best[1],
         best_val_macro_f1=best[0],
         train_seconds=train_seconds,
@@ -314,8 +338,6 @@ def run_finetune(
                 "shots": key.shots,
                 "seed": key.seed,
                 "device": str(device),
-                "trainable_params": plan.totals["trainable_params"],
-                "trainable_fraction": round(plan.totals["trainable_fraction"], 6),
                 "data_source": info["source"],
                 "max_length": info["max_length"],
                 **{k: v for k, v in vars(settings).items() if k not in ("seeds",)},
@@ -341,8 +363,8 @@ def run_finetune(
             "shots": key.shots,
             "seed": key.seed,
             "model": model_name,
-            "trainable_params": plan.totals["trainable_params"],
-            "trainable_fraction": plan.totals["trainable_fraction"],
+            "trainable_params": result.trainable_params,
+            "trainable_fraction": result.trainable_params / plan.totals["params"],
             "train_seconds": result.train_seconds,
             "best_epoch": result.best_epoch,
             "best_val_macro_f1": result.best_val_macro_f1,
@@ -351,6 +373,13 @@ def run_finetune(
             "mlflow_run_id": run.info.run_id,
         }
         Path(outputs["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
+        # What actually trained (LoRA adapters, ChildTuning-D's share), known after training.
+        tracking.log_params(
+            {
+                "trainable_params": summary["trainable_params"],
+                "trainable_fraction": round(summary["trainable_fraction"], 6),
+            }
+        )
         write_settings(outputs["settings"], train=settings, model=model_name, run=vars(key))
         tracking.log_metrics(
             {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
