@@ -134,3 +134,18 @@ def test_auto_rgn_sets_lr_by_relative_gradient_norm():
         p.grad = 3 * p.grad
     dynamics.before_step(first_step_of_epoch=False)  # only the first step of an epoch re-measures
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9 * lr for lr in lrs])
+
+
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_frozen_tensors_hold_no_optimizer_state(optimizer_name):
+    model = tiny_net()
+    plan = plan_for(model, frozen={"0.weight", "0.bias"})
+    optimizer = build_optimizer(
+        param_groups(model, plan, 0.01), TrainSettings(optimizer=optimizer_name, lr=0.1)
+    )
+    nn.functional.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    optimizer.step()
+    held = {id(p) for p in optimizer.state}
+    assert id(model[0].weight) not in held and id(model[0].bias) not in held
+    assert model[0].weight.grad is None
+    assert id(model[2].weight) in held  # trainable tensors do (SGD: its momentum buffer)
