@@ -100,3 +100,43 @@ def test_module_tree_fallback_for_unknown_designs():
     layers = assign_layers(model, ["3.weight", "3.bias"])
     assert layer_names(layers) == [(0, "0", "block"), (1, "2", "block"), (2, "head", "head")]
     assert torch.tensor([layer.index for layer in layers.values()]).max() == 2
+
+
+def test_roberta_and_vit_from_their_own_module_trees():
+    from transformers import (
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    roberta = RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=60,
+            hidden_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=16,
+            num_labels=3,
+        )
+    )
+    head = [n for n, _ in roberta.named_parameters() if n.startswith("classifier")]
+    layers = assign_layers(roberta, head)
+    assert layer_names(layers)[1:3] == [(1, "block01", "block"), (2, "block02", "block")]
+    assert {layers[n].kind for n in head} == {"head"}  # RoBERTa's two-layer head stays whole
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=8,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=16,
+            image_size=16,
+            patch_size=8,
+            num_labels=4,
+        )
+    )
+    layers = assign_layers(vit, ["classifier.weight", "classifier.bias"])
+    assert layers["vit.embeddings.patch_embeddings.projection.weight"].kind == "input"
+    names = list(layers)  # registration order: ..., last block, final norm, head
+    assert layers[names[-5]].name == "block03" and layers[names[-3]].kind == "output"
+    assert [layers[n].kind for n in names[-2:]] == ["head", "head"]
