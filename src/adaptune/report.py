@@ -181,7 +181,8 @@ def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -
             ax.text(
                 min(value + std, 1.0) + 0.02,
                 y,
-                f"{value:.3f} ({percent(fraction)} trained)",
+                f"{value:.3f} "
+                + ("(no fine-tuning)" if pd.isna(fraction) else f"({percent(fraction)} trained)"),
                 va="center",
                 fontsize=8,
             )
