@@ -128,6 +128,7 @@ def test_auto_rgn_sets_lr_by_relative_gradient_norm():
     # The LayerNorm bias starts at zero: no relative norm, so the base rate.
     assert lrs == pytest.approx([0.1 * r / top if np.isfinite(r) else 0.1 for r in ratios])
     assert max(g["lr_multiplier"] for g in optimizer.param_groups) == 1.0
+    optimizer.step()
     scheduler.step()  # the schedule keeps scaling the new rates
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9 * lr for lr in lrs])
     for p in model.parameters():
