@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from adaptune.errors import PlanError
+from adaptune.plans import Plan
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,19 @@ def add_lora(
         sum(p.numel() for p in adapters.values()),
     )
     return adapters
+
+
+def lora_group(model: nn.Module, plan: Plan, weight_decay: float) -> dict[str, Any]:
+    """Inject the adapters a ``lora`` plan asks for (``r``, ``alpha``, ``dropout``, ``targets``
+    in its settings) and return their optimizer group, at the base rate."""
+    head = [t.name for t in plan.tensors if not t.frozen]
+    adapters = add_lora(model, plan.settings, head)
+    return {
+        "params": list(adapters.values()),
+        "names": list(adapters),
+        "lr_multiplier": 1.0,
+        "weight_decay": weight_decay,
+    }
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -174,19 +174,10 @@ def finetune(
     )
     lora = plan.kind == "lora"
     if lora:
-        from adaptune.adapters import add_lora
+        from adaptune.adapters import lora_group
 
-        head = [t.name for t in plan.tensors if not t.frozen]
-        adapters = add_lora(model, plan.settings, head)
+        groups.append(lora_group(model, plan, settings.weight_decay))
         model.to(device)
-        groups.append(
-            {
-                "params": list(adapters.values()),
-                "names": list(adapters),
-                "lr_multiplier": 1.0,
-                "weight_decay": settings.weight_decay,
-            }
-        )
     optimizer = build_optimizer(groups, settings)
     steps_per_epoch = -(-len(train) // settings.batch_size)
     scheduler = warmup_linear_schedule(
@@ -194,7 +185,6 @@ def finetune(
     )
     dynamics = make_dynamics(plan, model, optimizer, scheduler, settings, fisher)
     trainable = [p for g in groups for p in g["params"]]
-    names = [n for g in groups for n in g["names"]]
     log.info(
         "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s",
         len(groups),
@@ -265,7 +255,9 @@ def finetune(
     with torch.no_grad():
         for param, saved in zip(trainable, best[2], strict=True):
             param.copy_(saved)
-    log.info("best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(names))
+    log.info(
+        "best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(trainable)
+    )
     if lora:
         from adaptune.adapters import merge_lora
 
