@@ -4,9 +4,7 @@ logistic regression (scikit-learn)."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,7 +38,7 @@ def run_baseline(
     fine-tuned models, and record it as an MLflow run."""
     from adaptune import tracking
     from adaptune.data import read_data_info, read_split
-    from adaptune.evaluation import evaluate_predictions, plot_confusion
+    from adaptune.evaluation import evaluate_predictions, log_evaluation, save_evaluation
 
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
@@ -74,17 +72,7 @@ def run_baseline(
         tracking.log_params(
             {"strategy": name, "shots": shots, "vocabulary": len(model[0].vocabulary_)}
         )
-        tracking.log_metrics(
-            {k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")}
-        )
-        Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
-        per_class.to_csv(outputs["per_class"], index=False)
-        matrix.to_csv(outputs["confusion"])
-        plot_confusion(
-            matrix,
-            outputs["confusion_png"],
-            f"{name}, {shots} shots: macro-F1 {metrics['test_macro_f1']:.3f}",
-        )
-        for key in ("metrics", "per_class", "confusion", "confusion_png"):
-            tracking.log_artifact(outputs[key], "evaluation")
+        title = f"{name}, {shots} shots: macro-F1 {metrics['test_macro_f1']:.3f}"
+        save_evaluation(metrics, per_class, matrix, title, outputs)
+        log_evaluation(metrics, outputs)
     return metrics

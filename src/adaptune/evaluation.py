@@ -111,6 +111,39 @@ def evaluate_predictions(
     return metrics, per_class, confusion(y_true, y_pred, label_names)
 
 
+def save_evaluation(
+    metrics: dict,
+    per_class: pd.DataFrame,
+    matrix: pd.DataFrame,
+    title: str,
+    outputs: dict[str, str],
+) -> None:
+    """Write a run's test results: ``metrics`` (JSON), ``per_class`` and ``confusion`` (CSV)
+    and ``confusion_png``."""
+    import json
+
+    Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
+    per_class.to_csv(outputs["per_class"], index=False)
+    matrix.to_csv(outputs["confusion"])
+    plot_confusion(matrix, outputs["confusion_png"], title)
+
+
+def log_evaluation(metrics: dict, outputs: dict[str, str]) -> None:
+    """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to the active
+    MLflow run."""
+    from adaptune import tracking
+
+    tracking.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
+    tracking.log_metrics(
+        {
+            f"test_f1_{tracking.metric_name(label)}": row["f1"]
+            for label, row in metrics["per_class"].items()
+        }
+    )
+    for key in ("metrics", "per_class", "confusion", "confusion_png"):
+        tracking.log_artifact(outputs[key], "evaluation")
+
+
 def run_evaluate(
     model_dir: str,
     test_path: str,
@@ -130,7 +163,6 @@ def run_evaluate(
     from adaptune import tracking
     from adaptune.data import read_data_info, read_split
     from adaptune.models import load_finetuned
-    from adaptune.tracking import metric_name
     from adaptune.training import predict, select_device
 
     info = read_data_info(data_info_path)
@@ -143,26 +175,13 @@ def run_evaluate(
         test["label_id"].to_numpy(), logits, info["labels"]
     )
     metrics = {**summary, **metrics}
-    Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
-    per_class.to_csv(outputs["per_class"], index=False)
-    matrix.to_csv(outputs["confusion"])
     title = (
         f"{summary['strategy']}, {summary['shots']} shots, seed {summary['seed']}: "
         f"macro-F1 {metrics['test_macro_f1']:.3f}"
     )
-    plot_confusion(matrix, outputs["confusion_png"], title)
+    save_evaluation(metrics, per_class, matrix, title, outputs)
     experiment = tracking.read_experiment(experiment_path)
     run_id = Path(run_id_path).read_text().strip()
     with tracking.mlflow_run(experiment, run_id=run_id):
-        tracking.log_metrics(
-            {k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")}
-        )
-        tracking.log_metrics(
-            {
-                f"test_f1_{metric_name(label)}": row["f1"]
-                for label, row in metrics["per_class"].items()
-            }
-        )
-        for key in ("metrics", "per_class", "confusion", "confusion_png"):
-            tracking.log_artifact(outputs[key], "evaluation")
+        log_evaluation(metrics, outputs)
     return metrics

@@ -355,6 +355,23 @@ def combination_weights(metrics: Sequence[str], weights: dict[str, float]) -> di
     return dict.fromkeys(chosen, 1.0)
 
 
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (dropout off, BatchNorm statistics frozen) with every parameter differentiable;
+    the model's train/eval mode and ``requires_grad`` flags are restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for param, _ in flags:
+        param.requires_grad_(True)
+    try:
+        yield model
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
 def score_model(
     model: nn.Module,
     head: Sequence[str],
@@ -399,13 +416,8 @@ def score_model(
         seed,
         share_gradients="fisher" in metrics and "grad_norm" in metrics,
     )
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     seconds: dict[str, float] = {}
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    with scoring_mode(model):
         for name in metrics:
             if name == COMBINED:
                 continue
@@ -421,10 +433,6 @@ def score_model(
                 samples = pd.Series(draws.mean(axis=1))
             _add_metric_columns(table, name, samples, metric.aggregate)
             log.info("%s: %.2f s", name, seconds[name])
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
     if COMBINED in metrics:
         _add_combined(table, combination_weights(metrics, combine or {}))
     return table, seconds

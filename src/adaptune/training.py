@@ -86,23 +86,14 @@ def task_fisher(
 ) -> dict[str, torch.Tensor]:
     """Elementwise empirical Fisher information of the task loss on the training split, for
     ChildTuning-D's mask (eval mode, like the importance stage)."""
-    from adaptune.importance import gradient_moments
+    from adaptune.importance import gradient_moments, scoring_mode
 
     batches = [
         {k: v.to(device) for k, v in b.items()}
         for b in iterate_batches(train, batch_size, pad_token_id)
     ]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    try:
+    with scoring_mode(model):
         return gradient_moments(model, batches)[1]
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
 
 
 def make_dynamics(
