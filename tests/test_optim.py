@@ -128,6 +128,17 @@ def test_auto_rgn_sets_lr_by_relative_gradient_norm():
     # The LayerNorm bias starts at zero: no relative norm, so the base rate.
     assert lrs == pytest.approx([0.1 * r / top if np.isfinite(r) else 0.1 for r in ratios])
     assert max(g["lr_multiplier"] for g in optimizer.param_groups) == 1.0
+    # An exempt tensor (the new head) keeps the base rate and leaves the normalisation.
+    head = list(dict(model.named_parameters()))[-2]
+    AutoRGN(optimizer, scheduler, base_lr=0.1, exempt=[head]).before_step(True)
+    body = [r for (n, _), r in zip(model.named_parameters(), ratios, strict=True) if n != head]
+    top_body = max(r for r in body if np.isfinite(r))
+    expected = [
+        0.1 if n == head or not np.isfinite(r) else 0.1 * r / top_body
+        for (n, _), r in zip(model.named_parameters(), ratios, strict=True)
+    ]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected)
+    dynamics.before_step(first_step_of_epoch=True)
     optimizer.step()
     scheduler.step()  # the schedule keeps scaling the new rates
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9 * lr for lr in lrs])

@@ -242,6 +242,9 @@ def test_dynamic_strategies_train_everything_and_say_why(scored):
     child = plan(scored, kind="childtuning_d", p=0.2)
     assert rgn.totals["trainable_fraction"] == child.totals["trainable_fraction"] == 1.0
     assert "||g||/||w||" in rgn.tensors[0].reason and "top 20%" in child.tensors[0].reason
+    head = [t for t in rgn.tensors if t.is_head]
+    assert [t.name for t in head] == ["head.w", "head.b"]
+    assert all("base rate" in t.reason for t in head)
     assert child.settings["p"] == 0.2
 
 

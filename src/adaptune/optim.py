@@ -9,7 +9,7 @@ loop never looks at names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -124,10 +124,16 @@ class Dynamics:
 
 
 class AutoRGN(Dynamics):
-    """Auto-RGN (Lee et al. 2023, Surgical Fine-Tuning): each tensor's lr is proportional to its
-    relative gradient norm ||g|| / ||w||, normalised by the largest, recomputed at the first step
-    of every epoch from that step's gradients (no extra pass). A tensor with ||w|| = 0 (a bias
-    initialised to zero) has no relative norm; it trains at the base rate."""
+    """Auto-RGN (Lee et al. 2023, Surgical Fine-Tuning): each pretrained tensor's lr is
+    proportional to its relative gradient norm ||g|| / ||w||, normalised by the largest,
+    recomputed at the first step of every epoch from that step's gradients (no extra pass).
+
+    Tensors named in ``exempt`` (the new task head) train at the base rate and take no part in
+    the normalisation: the method ranks *pretrained* layers, and a freshly initialised head has
+    small weights and large gradients, so its ratio would dwarf every pretrained one and
+    leave the body with about a thousandth of the base rate (measured on MiniLM: the run did
+    not learn). A tensor with ||w|| = 0 (a bias initialised to zero) has no relative norm; it
+    trains at the base rate too."""
 
     per_tensor_groups = True
 
@@ -136,8 +142,10 @@ class AutoRGN(Dynamics):
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         base_lr: float,
+        exempt: Collection[str] = (),
     ) -> None:
         self.optimizer, self.scheduler, self.base_lr = optimizer, scheduler, base_lr
+        self.exempt = set(exempt)
 
     def before_step(self, first_step_of_epoch: bool) -> None:
         if not first_step_of_epoch:
@@ -147,7 +155,8 @@ class AutoRGN(Dynamics):
             (param,) = group["params"]
             weight = float(param.detach().norm())
             grad = 0.0 if param.grad is None else float(param.grad.norm())
-            ratios.append(grad / weight if weight > 0 else None)
+            exempt = weight == 0 or group["names"][0] in self.exempt
+            ratios.append(None if exempt else grad / weight)
         top = max((r for r in ratios if r is not None), default=0.0) or 1.0
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for i, (group, ratio) in enumerate(zip(self.optimizer.param_groups, ratios, strict=True)):

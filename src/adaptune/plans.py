@@ -33,6 +33,8 @@ class TensorPlan:
     # First epoch (from 1) in which a tensor that is not frozen trains: >1 for tensors thawed
     # later by gradual unfreezing.
     unfreeze_epoch: int = 1
+    # Part of the task head, initialised for the task rather than pretrained.
+    is_head: bool = False
 
 
 @dataclass
@@ -135,6 +137,7 @@ def _tensor(
         lr_multiplier=0.0 if frozen else float(lr_multiplier),
         reason=reason,
         unfreeze_epoch=1 if frozen else int(unfreeze_epoch),
+        is_head=bool(row.is_head),
     )
 
 
@@ -380,8 +383,9 @@ def build_plan(scores: pd.DataFrame, name: str, strategy: StrategySettings) -> P
     elif strategy.kind == "fastai_fine_tune":
         tensors = _fastai_plan(scores, strategy)
     elif strategy.kind == "auto_rgn":
-        reason = "auto_rgn: lr x ||g||/||w|| relative to the largest, recomputed every epoch"
-        tensors = [_tensor(r, False, 1.0, reason) for r in rows]
+        reason = "auto_rgn: lr x ||g||/||w|| relative to the body's largest, recomputed every epoch"
+        head_reason = "head: new for the task; trains at the base rate (auto_rgn)"
+        tensors = [_tensor(r, False, 1.0, head_reason if r.is_head else reason) for r in rows]
     elif strategy.kind == "lora":
         tensors = [
             _tensor(

@@ -106,7 +106,8 @@ def make_dynamics(
 ) -> Dynamics:
     """The plan's training-time behaviour: Auto-RGN, ChildTuning-D, or none."""
     if plan.kind == "auto_rgn":
-        return AutoRGN(optimizer, scheduler, settings.lr)
+        head = [t.name for t in plan.tensors if t.is_head]
+        return AutoRGN(optimizer, scheduler, settings.lr, exempt=head)
     if plan.kind == "childtuning_d":
         assert fisher is not None
         names = [n for g in optimizer.param_groups for n in g["names"]]
@@ -226,7 +227,8 @@ def finetune(
             ),
             "val_accuracy": scores["accuracy"],
             "val_macro_f1": scores["macro_f1"],
-            "lr": optimizer.param_groups[0]["lr"],
+            # The base rate after the schedule; each group trains at this x its multiplier.
+            "lr": settings.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
             "epoch_seconds": time.perf_counter() - start,
         }
         history.append(row)
