@@ -2,10 +2,13 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from adaptune.settings import check_modalities
+
 min_version("9.0")
 
 
 validate(config, schema="../config/schema.yaml")
+check_modalities(config)
 
 
 ENV = "../envs/adaptune.yaml"

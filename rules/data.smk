@@ -13,7 +13,7 @@ rule prepare_data:
     threads: 2
     params:
         data=data_settings(),
-        model=config["model"]["name"],
+        model=config["model"],
     script:
         "../scripts/prepare_data.py"
 

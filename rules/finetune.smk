@@ -39,6 +39,6 @@ rule finetune:
     threads: 4
     params:
         train=train_settings,
-        model=config["model"]["name"],
+        model=config["model"],
     script:
         "../scripts/finetune.py"

@@ -21,6 +21,6 @@ rule score_importance:
     threads: 4
     params:
         importance=config["importance"],
-        model=config["model"]["name"],
+        model=config["model"],
     script:
         "../scripts/score_importance.py"

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adaptune.logs import to_log_file
-from adaptune.settings import TrainSettings
+from adaptune.settings import ModelSettings, TrainSettings
 from adaptune.training import RunKey, run_finetune
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ with to_log_file(snakemake.log[0]):
     wildcards = snakemake.wildcards
     run_finetune(
         RunKey(wildcards.strategy, wildcards.shots, int(wildcards.seed)),
-        snakemake.params.model,
+        ModelSettings.from_config(snakemake.params.model),
         TrainSettings.from_config(snakemake.params.train),
         plan_path=snakemake.input.plan,
         train_path=snakemake.input.train,

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from adaptune.data import run_prepare_data
 from adaptune.logs import to_log_file
-from adaptune.settings import DataSettings
+from adaptune.settings import DataSettings, ModelSettings
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 with to_log_file(snakemake.log[0]):
     run_prepare_data(
         DataSettings.from_config(snakemake.params.data),
-        snakemake.params.model,
+        ModelSettings.from_config(snakemake.params.model),
         split_paths={s: snakemake.output[s] for s in ("train", "val", "test")},
         info_path=snakemake.output.info,
     )

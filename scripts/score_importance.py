@@ -6,7 +6,7 @@ import torch
 
 from adaptune.importance import run_score_importance
 from adaptune.logs import to_log_file
-from adaptune.settings import ImportanceSettings
+from adaptune.settings import ImportanceSettings, ModelSettings
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -16,7 +16,7 @@ with to_log_file(snakemake.log[0]):
     run_score_importance(
         snakemake.input.train,
         snakemake.input.info,
-        snakemake.params.model,
+        ModelSettings.from_config(snakemake.params.model),
         ImportanceSettings.from_config(snakemake.params.importance),
         snakemake.output.scores,
         snakemake.output.layers,

@@ -15,6 +15,13 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests that train run on the CPU and, where one is present, on a CUDA GPU too.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+    ),
+]
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
 
 
@@ -39,6 +46,24 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """timm's 0.47M-parameter ``test_resnet`` (BatchNorm, four stages), randomly initialised and
+    saved as adaptune saves an image model, with a 32x32 input transform: a ``path:`` model that
+    trains in seconds on the CPU."""
+    import timm
+
+    from adaptune.vision import ImageTransform, save_vision_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False)
+    transform = ImageTransform((32, 32), 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    directory = tmp_path_factory.mktemp("tiny-vision")
+    labels = [str(i) for i in range(model.num_classes)]
+    save_vision_model(model, directory, "timm:test_resnet", labels, transform.to_dict())
     return directory
 
 

@@ -93,7 +93,9 @@ def test_heatmap_is_written(task, tiny_bert_dir, tmp_path):
 
 def test_calibration_batches_cycle_a_small_split():
     frame = pd.DataFrame({"input_ids": [np.array([i + 1]) for i in range(5)], "label_id": range(5)})
-    batches = calibration_batches(frame, count=3, batch_size=4, pad_token_id=0, seed=0)
+    batches = calibration_batches(
+        frame, count=3, batch_size=4, data_info={"modality": "text", "pad_token_id": 0}, seed=0
+    )
     assert [len(b["labels"]) for b in batches] == [4, 4, 4]
     labels = torch.cat([b["labels"] for b in batches]).tolist()
     assert sorted(labels[:5]) == [0, 1, 2, 3, 4]

@@ -8,17 +8,24 @@ from adaptune.errors import ConfigError
 from adaptune.settings import (
     DataSettings,
     ImportanceSettings,
+    ModelSettings,
     StrategySettings,
     TrainSettings,
     parse_shots,
 )
 
-SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
+REPO_CONFIG = Path(__file__).parents[1] / "config"
+SCHEMA = yaml.safe_load((REPO_CONFIG / "schema.yaml").read_text())
 
 
 @pytest.mark.parametrize(
     ("section", "cls"),
-    [("data", DataSettings), ("importance", ImportanceSettings), ("train", TrainSettings)],
+    [
+        ("data", DataSettings),
+        ("model", ModelSettings),
+        ("importance", ImportanceSettings),
+        ("train", TrainSettings),
+    ],
 )
 def test_dataclass_defaults_match_the_schema(section, cls):
     properties = SCHEMA["properties"][section]["properties"]
@@ -73,3 +80,41 @@ def test_shots():
 def test_unknown_strategy_kind():
     with pytest.raises(ConfigError, match=r"strategies.mine.*allowed: full, head_only"):
         StrategySettings.from_config("mine", {"kind": "everything"})
+
+
+def test_strategy_train_overrides_match_the_schema():
+    from adaptune.settings import OVERRIDABLE_TRAIN_KEYS
+
+    strategy = SCHEMA["properties"]["strategies"]["additionalProperties"]["properties"]
+    assert tuple(strategy["train"]["propertyNames"]["enum"]) == OVERRIDABLE_TRAIN_KEYS
+
+
+def test_model_names_are_checked_and_image_models_recognised():
+    assert ModelSettings.from_config("bundled:efficientnet-lite0").is_image
+    assert ModelSettings.from_config({"name": "torchvision:resnet50", "weights": "X"}).is_image
+    assert not ModelSettings.from_config({"name": "bundled:all-MiniLM-L6-v2"}).is_image
+    with pytest.raises(ConfigError, match=r"model.name = 'resnet50': use bundled:"):
+        ModelSettings.from_config("resnet50")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (REPO_CONFIG).rglob("*.yaml") if p.name != "schema.yaml"),
+    ids=lambda p: str(p.relative_to(REPO_CONFIG)),
+)
+def test_every_shipped_config_is_valid(path):
+    """Each config (an experiment on its own, as ``--configfile`` gives it) passes the schema and
+    parses into settings whose data, model and baselines agree."""
+    from snakemake.utils import validate
+
+    from adaptune.settings import check_modalities
+
+    config = yaml.safe_load(path.read_text())
+    validate(config, str(REPO_CONFIG / "schema.yaml"))
+    DataSettings.from_config(config["data"])
+    TrainSettings.from_config(config["train"])
+    for name, spec in config["strategies"].items():
+        StrategySettings.from_config(name, spec)
+        TrainSettings.from_config(config["train"], spec.get("train", {}), name)
+    ImportanceSettings.from_config(config["importance"])
+    check_modalities(config)

@@ -8,6 +8,10 @@ from adaptune.plans import Plan, TensorPlan
 from adaptune.settings import TrainSettings
 from adaptune.training import finetune, predict
 
+from .conftest import DEVICES
+
+TEXT = {"modality": "text", "pad_token_id": 0}
+
 
 def frame(n: int, seed: int) -> pd.DataFrame:
     """Three classes the tiny model can tell apart from their first token."""
@@ -35,21 +39,26 @@ def task(tiny_bert_dir):
     return load_model(f"path:{tiny_bert_dir}", ["a", "b", "c"], seed=0)
 
 
-def test_frozen_tensors_are_bit_identical_and_hold_no_state(task):
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_tensors_are_bit_identical_and_hold_no_state(task, device):
     model = task.model
     plan = body_frozen_plan(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(optimizer="adam", lr=1e-2, epochs=2, batch_size=8, eval_batch_size=16)
-    result = finetune(model, plan, frame(24, 0), frame(12, 1), settings, 0, 0, torch.device("cpu"))
+    result = finetune(
+        model, plan, frame(24, 0), frame(12, 1), settings, 0, TEXT, torch.device(device)
+    )
     frozen = {t.name for t in plan.tensors if t.frozen}
     for name, param in model.named_parameters():
-        changed = not torch.equal(before[name], param.detach())
+        assert param.device.type == device
+        changed = not torch.equal(before[name], param.detach().cpu())
         assert changed == (name not in frozen), name
         assert (param.grad is None) == (name in frozen), name
     assert len(result.history) == 2 and result.optimizer_groups == 2
 
 
-def test_training_learns_and_keeps_the_best_epoch(task):
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_learns_and_keeps_the_best_epoch(task, device):
     model = task.model
     plan = Plan(
         "full",
@@ -58,12 +67,12 @@ def test_training_learns_and_keeps_the_best_epoch(task):
     )
     settings = TrainSettings(lr=3e-3, epochs=4, batch_size=8, warmup_ratio=0.0)
     val = frame(30, 1)
-    result = finetune(model, plan, frame(48, 0), val, settings, 0, 0, torch.device("cpu"))
+    result = finetune(model, plan, frame(48, 0), val, settings, 0, TEXT, torch.device(device))
     history = result.history
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert result.best_val_macro_f1 == history["val_macro_f1"].max()
     assert result.best_epoch == int(history.loc[history["val_macro_f1"].idxmax(), "epoch"])
-    logits = predict(model, val, 16, 0, torch.device("cpu"))
+    logits = predict(model, val, 16, TEXT, torch.device(device))
     from adaptune.evaluation import classification_metrics
 
     restored = classification_metrics(val["label_id"].to_numpy(), logits.argmax(1), 3)["macro_f1"]
@@ -83,7 +92,9 @@ def test_same_seed_same_result(tiny_bert_dir):
             ],
         )
         settings = TrainSettings(lr=1e-3, epochs=1, batch_size=8)
-        finetune(task.model, plan, frame(16, 0), frame(9, 1), settings, 3, 0, torch.device("cpu"))
+        finetune(
+            task.model, plan, frame(16, 0), frame(9, 1), settings, 3, TEXT, torch.device("cpu")
+        )
         return torch.cat([p.detach().flatten() for p in task.model.parameters()])
 
     assert torch.equal(run(), run())
@@ -105,7 +116,7 @@ def test_scheduled_tensors_wait_for_their_epoch(task):
     assert all(p.requires_grad for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(lr=1e-2, epochs=1, batch_size=8)
-    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, 0, torch.device("cpu"))
+    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, TEXT, torch.device("cpu"))
     for name, param in model.named_parameters():
         head = name.startswith("classifier")
         assert torch.equal(before[name], param.detach()) != head, name
@@ -122,7 +133,7 @@ def test_childtuning_d_trains_only_the_top_fisher_weights(task):
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=1, batch_size=8)
-    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, 0, torch.device("cpu"))
+    finetune(model, plan, frame(16, 0), frame(9, 1), settings, 0, TEXT, torch.device("cpu"))
     total = sum(p.numel() for p in model.parameters())
     changed = sum(int((before[n] != p.detach()).sum()) for n, p in model.named_parameters())
     assert 0 < changed <= round(0.05 * total) + 1
@@ -147,13 +158,13 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_model(task, tiny_bert
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(lr=5e-3, epochs=1, batch_size=8, warmup_ratio=0.0)
     val = frame(9, 1)
-    result = finetune(model, plan, frame(16, 0), val, settings, 0, 0, torch.device("cpu"))
+    result = finetune(model, plan, frame(16, 0), val, settings, 0, TEXT, torch.device("cpu"))
     # adapters: 8 projections x r x (in + out) = 8 x 4 x 64, plus the head
     assert result.trainable_params == 8 * 4 * 64 + 32 * 3 + 3
     assert set(before) == {n for n, _ in model.named_parameters()}  # merged and unloaded
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {f"{t}.weight" for t in targets} | {"classifier.weight", "classifier.bias"}
-    logits = predict(model, val, 16, 0, torch.device("cpu"))
+    logits = predict(model, val, 16, TEXT, torch.device("cpu"))
     model.save_pretrained(tmp_path)
-    reloaded = predict(load_finetuned(tmp_path), val, 16, 0, torch.device("cpu"))
+    reloaded = predict(load_finetuned(tmp_path), val, 16, TEXT, torch.device("cpu"))
     np.testing.assert_allclose(reloaded, logits, atol=1e-5)

@@ -1,6 +1,7 @@
 """Classical baselines on the same few-shot split, so a leaderboard shows what the pretrained
-model buys: TF-IDF features (word 1-2 grams, sublinear term frequency) and a multinomial
-logistic regression (scikit-learn)."""
+model buys: a multinomial logistic regression (scikit-learn) on TF-IDF features (text: word 1-2
+grams, sublinear term frequency) or on raw pixels (images: each image resized to 16x16 RGB,
+standardised)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,35 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 
-BASELINES = ("tfidf_logreg",)
+from adaptune.settings import BASELINES
+
+PIXEL_SIDE = 16
+
+
+def pixel_features(frame: pd.DataFrame) -> np.ndarray:
+    """Each cached image resized (antialiased) to 16x16 RGB, flattened, in [0, 1]."""
+    import torchvision.transforms.v2.functional as F
+
+    rows = []
+    for data, height, width in zip(frame["image"], frame["height"], frame["width"], strict=True):
+        image = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(height, width, 3)
+        small = F.resize(image.permute(2, 0, 1), [PIXEL_SIDE, PIXEL_SIDE], antialias=True)
+        rows.append(small.flatten().numpy() / 255.0)
+    return np.stack(rows)
+
+
+def fit_pixel_logreg(train: pd.DataFrame, seed: int = 0) -> object:
+    """A fitted standardise + logistic regression pipeline on pixels -> ``label_id``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, random_state=seed)
+    )
+    return model.fit(pixel_features(train), train["label_id"])
 
 
 def fit_tfidf_logreg(train: pd.DataFrame, seed: int = 0) -> object:
@@ -43,12 +71,24 @@ def run_baseline(
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     info = read_data_info(data_info_path)
+    modality = info.get("modality", "text")
+    if BASELINES[name] != modality:
+        fitting = [b for b, m in BASELINES.items() if m == modality]
+        raise ValueError(
+            f"baseline {name!r} is for {BASELINES[name]}, but the data are {modality}; "
+            f"use {', '.join(fitting)}"
+        )
     train, test = read_split(train_path), read_split(test_path)
     start = time.perf_counter()
-    model = fit_tfidf_logreg(train)
+    if modality == "image":
+        model = fit_pixel_logreg(train)
+        test_inputs = pixel_features(test)
+    else:
+        model = fit_tfidf_logreg(train)
+        test_inputs = test["text"]
     train_seconds = time.perf_counter() - start
     probabilities = np.zeros((len(test), len(info["labels"])))
-    probabilities[:, model.classes_] = model.predict_proba(test["text"])
+    probabilities[:, model.classes_] = model.predict_proba(test_inputs)
     logits = np.log(np.clip(probabilities, 1e-12, 1)).astype(np.float32)
     metrics, per_class, matrix = evaluate_predictions(
         test["label_id"].to_numpy(), logits, info["labels"]
@@ -69,9 +109,12 @@ def run_baseline(
             "mlflow_run_id": run.info.run_id,
             **metrics,
         }
-        tracking.log_params(
-            {"strategy": name, "shots": shots, "vocabulary": len(model[0].vocabulary_)}
+        features = (
+            {"vocabulary": len(model[0].vocabulary_)}
+            if modality == "text"
+            else {"pixels": PIXEL_SIDE * PIXEL_SIDE * 3}
         )
+        tracking.log_params({"strategy": name, "shots": shots, **features})
         title = f"{name}, {shots} shots: macro-F1 {metrics['test_macro_f1']:.3f}"
         save_evaluation(metrics, per_class, matrix, title, outputs)
         log_evaluation(metrics, outputs)

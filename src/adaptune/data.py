@@ -1,10 +1,12 @@
-"""Labelled examples: loading, checking, stratified splitting, few-shot sampling, tokenisation,
-and batching for training.
+"""Labelled examples: loading, checking, stratified splitting, few-shot sampling, tokenisation
+(text) or decoding (images), and batching for training.
 
-Every split is a parquet table with the columns ``example_id`` (row of the source), ``text``,
-``label`` (class name), ``label_id`` (index into the sorted class names) and ``input_ids`` (token
-ids, unpadded). ``data.json`` beside the splits holds the class names, class counts per split and a
-content fingerprint of the source.
+Every split is a parquet table with the columns ``example_id`` (row of the source), ``label``
+(class name) and ``label_id`` (index into the sorted class names), plus, for text, ``text`` and
+``input_ids`` (token ids, unpadded), and for images, ``item`` (where the image came from),
+``image`` (decoded RGB pixels, raw bytes), ``height`` and ``width``. ``data.json`` beside the
+splits holds the modality, the class names, class counts per split, a content fingerprint of the
+source, and what batching needs (the pad token, or the model's image transform).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import hashlib
 import importlib.util
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from adaptune.errors import DataError
-from adaptune.settings import DataSettings
+from adaptune.settings import DataSettings, ModelSettings
+
+if TYPE_CHECKING:
+    from adaptune.vision import ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +115,7 @@ def load_examples(settings: DataSettings) -> pd.DataFrame:
 
 def check_examples(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Refuse data that cannot train a classifier; return it with string labels and a
-    stable ``example_id``."""
+    stable ``example_id``. Text must not be empty (images were checked when decoded)."""
     if frame.empty:
         raise DataError(f"{source}: no examples")
     missing_label = frame["label"].isna()
@@ -119,15 +124,17 @@ def check_examples(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(
             f"{source}: {int(missing_label.sum())} example(s) have no label (rows {rows})"
         )
-    text = frame["text"]
-    empty = text.isna() | (text.astype(str).str.strip() == "")
-    if empty.any():
-        rows = frame.index[empty][:5].tolist()
-        raise DataError(
-            f"{source}: {int(empty.sum())} example(s) have empty text (rows {rows}); "
-            "remove them from the source"
-        )
-    frame = frame.assign(text=text.astype(str), label=frame["label"].astype(str))
+    if "text" in frame.columns:
+        text = frame["text"]
+        empty = text.isna() | (text.astype(str).str.strip() == "")
+        if empty.any():
+            rows = frame.index[empty][:5].tolist()
+            raise DataError(
+                f"{source}: {int(empty.sum())} example(s) have empty text (rows {rows}); "
+                "remove them from the source"
+            )
+        frame = frame.assign(text=text.astype(str))
+    frame = frame.assign(label=frame["label"].astype(str))
     if frame["label"].nunique() < 2:
         raise DataError(
             f"{source}: only one class ({frame['label'].iloc[0]!r}); a classifier needs two or more"
@@ -213,13 +220,19 @@ def class_counts(frame: pd.DataFrame, labels: Sequence[str]) -> dict[str, int]:
     return {label: int(counts.get(label, 0)) for label in labels}
 
 
-def prepare(settings: DataSettings, tokenizer: Any) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Load, check, split and tokenise. Returns the splits and the ``data.json`` summary."""
-    frame = check_examples(load_examples(settings), settings.source)
+def _label_and_split(
+    frame: pd.DataFrame, settings: DataSettings
+) -> tuple[list[str], dict[str, pd.DataFrame]]:
     labels = sorted(frame["label"].unique())
     label_ids = {label: i for i, label in enumerate(labels)}
     frame = frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))
-    splits = split_examples(frame, settings.val_size, settings.test_size, settings.seed)
+    return labels, split_examples(frame, settings.val_size, settings.test_size, settings.seed)
+
+
+def prepare(settings: DataSettings, tokenizer: Any) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Text: load, check, split and tokenise. Returns the splits and the ``data.json`` summary."""
+    frame = check_examples(load_examples(settings), settings.source)
+    labels, splits = _label_and_split(frame, settings)
     splits = {name: tokenize(part, tokenizer, settings.max_length) for name, part in splits.items()}
     lengths = np.array([len(ids) for ids in splits["train"]["input_ids"]])
     info = {
@@ -233,6 +246,37 @@ def prepare(settings: DataSettings, tokenizer: Any) -> tuple[dict[str, pd.DataFr
         "max_length": settings.max_length,
         "truncated_fraction_train": float(np.mean(lengths >= settings.max_length)),
         "pad_token_id": int(tokenizer.pad_token_id or 0),
+    }
+    return splits, info
+
+
+def prepare_images(
+    settings: DataSettings, transform: ImageTransform
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Images: load and decode once, check, split, and cache the pixels (no larger than the
+    model's ``transform`` uses) in the split tables."""
+    from adaptune.vision import encode_images, image_fingerprint, load_images
+
+    frame = load_images(
+        settings.source, settings.image_column, settings.label_column, settings.root
+    )
+    frame = check_examples(frame, settings.source)
+    labels, splits = _label_and_split(frame, settings)
+    splits = {name: encode_images(part, transform) for name, part in splits.items()}
+    sizes = pd.concat(splits.values())[["height", "width"]]
+    info = {
+        "source": settings.source,
+        "modality": "image",
+        "fingerprint": image_fingerprint(frame),
+        "num_examples": len(frame),
+        "labels": labels,
+        "num_labels": len(labels),
+        "class_counts": {name: class_counts(part, labels) for name, part in splits.items()},
+        "cached_image_sizes": {
+            "min": [int(sizes["height"].min()), int(sizes["width"].min())],
+            "max": [int(sizes["height"].max()), int(sizes["width"].max())],
+        },
+        "transform": transform.to_dict(),
     }
     return splits, info
 
@@ -253,19 +297,29 @@ def read_data_info(path: str | Path) -> dict:
 def iterate_batches(
     frame: pd.DataFrame,
     batch_size: int,
-    pad_token_id: int,
+    data_info: Mapping[str, Any],
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    augment: Sequence[str] = (),
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches ``{input_ids, attention_mask, labels}`` from a tokenised split.
+    """Batches of a prepared split, as ``data.json`` (``data_info``) says to make them.
 
-    Padding is per batch (to its longest example), so short texts cost little.
+    Text: ``{input_ids, attention_mask, labels}``, padded per batch (to its longest example), so
+    short texts cost little. Images: ``{pixel_values, labels}`` in the model's transform, with
+    the train-time ``augment`` steps (drawn from ``generator``).
     """
     order = (
         torch.randperm(len(frame), generator=generator).tolist()
         if shuffle
         else list(range(len(frame)))
     )
+    if data_info.get("modality", "text") == "image":
+        from adaptune.vision import ImageTransform, image_batches
+
+        transform = ImageTransform.from_dict(data_info["transform"])
+        yield from image_batches(frame, order, batch_size, transform, augment, generator)
+        return
+    pad_token_id = int(data_info["pad_token_id"])
     ids = frame["input_ids"].tolist()
     labels = frame["label_id"].to_numpy()
     for start in range(0, len(order), batch_size):
@@ -285,13 +339,25 @@ def iterate_batches(
 
 
 def run_prepare_data(
-    settings: DataSettings, model_name: str, split_paths: dict[str, str], info_path: str
+    settings: DataSettings, model: ModelSettings, split_paths: dict[str, str], info_path: str
 ) -> dict:
-    """The ``prepare_data`` stage: load, check, split and tokenise; write the splits and
-    ``data.json``."""
+    """The ``prepare_data`` stage: load, check, split and tokenise (text) or decode (images);
+    write the splits and ``data.json``."""
     from adaptune.models import load_tokenizer
 
-    splits, info = prepare(settings, load_tokenizer(model_name))
+    if settings.is_image != model.is_image:
+        data_kind, model_kind = ("images", "text") if settings.is_image else ("text", "images")
+        raise DataError(
+            f"data.source = {settings.source!r} holds {data_kind}, but model.name = "
+            f"{model.name!r} is a model for {model_kind}"
+        )
+    if settings.is_image:
+        from adaptune.vision import model_transform
+
+        transform = model_transform(model.name, model.weights, image_size=model.image_size)
+        splits, info = prepare_images(settings, transform)
+    else:
+        splits, info = prepare(settings, load_tokenizer(model.name))
     for name, part in splits.items():
         save_split(part, split_paths[name])
         log.info("%s: %d examples %s", name, len(part), info["class_counts"][name])

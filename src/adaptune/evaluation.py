@@ -170,7 +170,7 @@ def run_evaluate(
     test = read_split(test_path)
     torch_device = select_device(device)
     model = load_finetuned(model_dir).to(torch_device)
-    logits = predict(model, test, batch_size, info["pad_token_id"], torch_device, precision)
+    logits = predict(model, test, batch_size, info, torch_device, precision)
     metrics, per_class, matrix = evaluate_predictions(
         test["label_id"].to_numpy(), logits, info["labels"]
     )

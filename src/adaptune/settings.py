@@ -51,7 +51,13 @@ OVERRIDABLE_TRAIN_KEYS = (
     "eval_batch_size",
     "warmup_ratio",
     "max_grad_norm",
+    "augment",
+    "frozen_batchnorm",
 )
+AUGMENTATIONS = ("random_resized_crop", "horizontal_flip")
+DATA_SOURCE_KINDS = ("bundled:", "csv:", "parquet:", "hf:", "imagefolder:", "torchvision:")
+BASELINES = {"tfidf_logreg": "text", "pixel_logreg": "image"}  # name: the data it fits
+MODEL_KINDS = ("bundled:", "hf:", "path:", "torchvision:", "timm:")
 
 
 T = TypeVar("T")
@@ -98,6 +104,8 @@ class DataSettings:
     source: str
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str = ""
+    root: str = "data/downloads"
     shots: list[int | str] = field(default_factory=lambda: [16])
     val_size: float = 0.1
     test_size: float = 0.2
@@ -105,10 +113,10 @@ class DataSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not any(self.source.startswith(p) for p in ("bundled:", "csv:", "parquet:", "hf:")):
+        if not any(self.source.startswith(p) for p in DATA_SOURCE_KINDS):
             raise ConfigError(
-                f"data.source = {self.source!r}: use bundled:bbc-news, csv:PATH, parquet:PATH "
-                "or hf:NAME"
+                f"data.source = {self.source!r}: use bundled:bbc-news, bundled:digits, csv:PATH, "
+                "parquet:PATH, hf:NAME, imagefolder:DIR or torchvision:DATASET"
             )
         _check_range("data.val_size", self.val_size, 0, 1)
         _check_range("data.test_size", self.test_size, 0, 1)
@@ -122,9 +130,52 @@ class DataSettings:
         if self.max_length < 8:
             raise ConfigError(f"data.max_length = {self.max_length} is too short (at least 8)")
 
+    @property
+    def is_image(self) -> bool:
+        """Images, not text: an image source, or a CSV with an image-path column."""
+        from adaptune.vision import is_image_source
+
+        return is_image_source(self.source) or (
+            self.source.startswith("csv:") and bool(self.image_column)
+        )
+
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> Self:
         return _from_mapping(cls, data, "data")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The pretrained model (``model:``): ``name`` says which, ``weights`` which of its weights
+    (image models: a torchvision weights name such as IMAGENET1K_V2, or a local weights file),
+    ``image_size`` the side of an image model's input (0: its pretrained size)."""
+
+    name: str
+    weights: str = ""
+    image_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 0 or 0 < self.image_size < 16:
+            raise ConfigError(
+                f"model.image_size = {self.image_size}: 0 (the model's own) or at least 16"
+            )
+        if not any(self.name.startswith(p) for p in MODEL_KINDS):
+            raise ConfigError(
+                f"model.name = {self.name!r}: use bundled:all-MiniLM-L6-v2, "
+                "bundled:efficientnet-lite0, hf:ID, path:DIR, torchvision:NAME or timm:NAME"
+            )
+
+    @property
+    def is_image(self) -> bool:
+        from adaptune.vision import is_vision_model
+
+        return is_vision_model(self.name)
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any] | str) -> Self:
+        if isinstance(model, str):
+            return cls(name=model)
+        return _from_mapping(cls, model, "model")
 
 
 @dataclass(frozen=True)
@@ -190,8 +241,17 @@ class TrainSettings:
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"
     precision: str = "auto"
+    augment: list[str] = field(default_factory=list)
+    frozen_batchnorm: str = "eval"
 
     def __post_init__(self) -> None:
+        bad = [a for a in self.augment if a not in AUGMENTATIONS]
+        if bad:
+            raise ConfigError(f"train.augment: {bad}; allowed: {', '.join(AUGMENTATIONS)}")
+        if self.frozen_batchnorm not in ("eval", "train"):
+            raise ConfigError(
+                f"train.frozen_batchnorm = {self.frozen_batchnorm!r}; allowed: eval, train"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"train.optimizer = {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
@@ -366,3 +426,22 @@ def write_settings(path: str | Path, **sections: Any) -> None:
         for name, value in sections.items()
     }
     Path(path).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+def check_modalities(config: Mapping[str, Any]) -> None:
+    """The data, the model and the baselines must all be text or all images; say which key is
+    off before any job starts."""
+    data = DataSettings.from_config(config["data"])
+    model = ModelSettings.from_config(config["model"])
+    modality = "image" if data.is_image else "text"
+    if model.is_image != data.is_image:
+        raise ConfigError(
+            f"data.source = {data.source!r} holds {modality} data, but model.name = "
+            f"{model.name!r} is a model for {'images' if model.is_image else 'text'}"
+        )
+    wrong = [b for b in config.get("baselines", []) if BASELINES.get(b, modality) != modality]
+    if wrong:
+        fitting = [b for b, m in BASELINES.items() if m == modality]
+        raise ConfigError(
+            f"baselines: {', '.join(wrong)} cannot run on {modality} data; use {', '.join(fitting)}"
+        )

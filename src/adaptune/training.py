@@ -8,8 +8,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,8 @@ from adaptune.optim import (
     warmup_linear_schedule,
 )
 from adaptune.plans import Plan
-from adaptune.settings import TrainSettings
+from adaptune.settings import ModelSettings, TrainSettings
+from adaptune.vision import set_frozen_batchnorm_eval
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,15 @@ def predict(
     model: nn.Module,
     frame: pd.DataFrame,
     batch_size: int,
-    pad_token_id: int,
+    data_info: Mapping[str, Any],
     device: torch.device,
     precision: str = "auto",
 ) -> np.ndarray:
-    """Logits (float32, examples x classes) for a tokenised split, in its row order."""
+    """Logits (float32, examples x classes) for a prepared split, in its row order."""
     was_training = model.training
     model.eval()
     outputs = []
-    for batch in iterate_batches(frame, batch_size, pad_token_id):
+    for batch in iterate_batches(frame, batch_size, data_info):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, precision):
             outputs.append(forward(model, batch).float().cpu())
@@ -82,7 +84,11 @@ def predict(
 
 
 def task_fisher(
-    model: nn.Module, train: pd.DataFrame, batch_size: int, pad_token_id: int, device: torch.device
+    model: nn.Module,
+    train: pd.DataFrame,
+    batch_size: int,
+    data_info: Mapping[str, Any],
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Elementwise empirical Fisher information of the task loss on the training split, for
     ChildTuning-D's mask (eval mode, like the importance stage)."""
@@ -90,7 +96,7 @@ def task_fisher(
 
     batches = [
         {k: v.to(device) for k, v in b.items()}
-        for b in iterate_batches(train, batch_size, pad_token_id)
+        for b in iterate_batches(train, batch_size, data_info)
     ]
     with scoring_mode(model):
         return gradient_moments(model, batches)[1]
@@ -141,19 +147,21 @@ def finetune(
     val: pd.DataFrame,
     settings: TrainSettings,
     seed: int,
-    pad_token_id: int,
+    data_info: Mapping[str, Any],
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place under ``plan``; on return it holds the weights of the epoch with
     the best validation macro-F1 (ties: the earlier epoch).
 
-    Only trainable tensors are copied for the best checkpoint: frozen ones never change.
+    Only trainable tensors are copied for the best checkpoint: frozen ones never change. With
+    ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
+    stay in eval mode, so their running statistics stay the pretrained ones too.
     """
     seed_everything(seed)
     model.to(device)
     fisher = (
-        task_fisher(model, train, settings.batch_size, pad_token_id, device)
+        task_fisher(model, train, settings.batch_size, data_info, device)
         if plan.kind == "childtuning_d"
         else None
     )
@@ -194,9 +202,13 @@ def finetune(
             apply_plan(model, plan, epoch)
             log.info("epoch %d: %d tensors train", epoch, sum(p.requires_grad for p in trainable))
         model.train()
+        if settings.frozen_batchnorm == "eval":
+            set_frozen_batchnorm_eval(model)
         start = time.perf_counter()
         losses = []
-        batches = iterate_batches(train, settings.batch_size, pad_token_id, True, generator)
+        batches = iterate_batches(
+            train, settings.batch_size, data_info, True, generator, settings.augment
+        )
         for step, batch in enumerate(
             tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
         ):
@@ -214,7 +226,7 @@ def finetune(
             losses.append(float(loss.detach()))
         train_seconds += time.perf_counter() - start
         val_logits = predict(
-            model, val, settings.eval_batch_size, pad_token_id, device, settings.precision
+            model, val, settings.eval_batch_size, data_info, device, settings.precision
         )
         scores = classification_metrics(
             labels, val_logits.argmax(1), num_labels=val_logits.shape[1]
@@ -279,7 +291,7 @@ class RunKey:
 
 def run_finetune(
     key: RunKey,
-    model_name: str,
+    model: ModelSettings,
     settings: TrainSettings,
     plan_path: str,
     train_path: str,
@@ -297,13 +309,14 @@ def run_finetune(
 
     from adaptune import tracking
     from adaptune.data import read_data_info, read_split
-    from adaptune.models import load_model
+    from adaptune.models import load_model, save_finetuned
     from adaptune.settings import write_settings
 
     info = read_data_info(data_info_path)
     plan = Plan.load(plan_path)
     device = select_device(settings.device)
-    task = load_model(model_name, info["labels"], key.seed)
+    task = load_model(model, info["labels"], key.seed)
+    model_name = model.name
     experiment = tracking.read_experiment(experiment_path)
     run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
     tags = {
@@ -324,7 +337,9 @@ def run_finetune(
                 "seed": key.seed,
                 "device": str(device),
                 "data_source": info["source"],
-                "max_length": info["max_length"],
+                "modality": info.get("modality", "text"),
+                **({"max_length": info["max_length"]} if "max_length" in info else {}),
+                **({"model_weights": model.weights} if model.weights else {}),
                 **{k: v for k, v in vars(settings).items() if k not in ("seeds",)},
             }
         )
@@ -335,13 +350,13 @@ def run_finetune(
             read_split(val_path),
             settings,
             key.seed,
-            info["pad_token_id"],
+            info,
             device,
             on_epoch=lambda row: tracking.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
             ),
         )
-        task.model.save_pretrained(outputs["model"], safe_serialization=True)
+        save_finetuned(task, outputs["model"], model_name, info["labels"])
         result.history.to_csv(outputs["history"], index=False)
         summary = {
             "strategy": key.strategy,

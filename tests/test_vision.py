@@ -1,0 +1,315 @@
+"""Image models and data: the bundled EfficientNet-Lite0's weights and predictions, head
+replacement on several architectures, safe checkpoint loading, the image sources, the cached
+pixels and their transforms, and BatchNorm in frozen layers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from adaptune.data import iterate_batches, read_split, run_prepare_data
+from adaptune.errors import ConfigError, DataError, ModelError
+from adaptune.models import load_finetuned, load_model, save_finetuned
+from adaptune.plans import Plan, TensorPlan
+from adaptune.settings import DataSettings, ModelSettings, TrainSettings, check_modalities
+from adaptune.training import finetune, predict
+from adaptune.vision import (
+    ImageTransform,
+    build_backbone,
+    encode_images,
+    image_tensor,
+    load_image_csv,
+    load_image_folder,
+    load_in_order,
+    model_transform,
+    read_weights,
+    replace_head,
+    to_rgb_uint8,
+)
+
+from .conftest import DEVICES
+
+SPLITS = ("train", "val", "test")
+
+
+def preprocess(image: np.ndarray, transform: ImageTransform) -> torch.Tensor:
+    """A raw RGB image through the cache and the evaluation transform, as the pipeline does."""
+    cached = encode_images(pd.DataFrame({"image": [image]}), transform).iloc[0]
+    return image_tensor(cached["image"], cached["height"], cached["width"], transform)
+
+
+def test_bundled_efficientnet_lite0_predicts_imagenet_classes():
+    """The package's tensors, mapped by position into timm's efficientnet_lite0, classify
+    scikit-learn's two sample photos as ImageNet's palace (698) and daisy (985)."""
+    from sklearn.datasets import load_sample_image
+
+    model = build_backbone("bundled:efficientnet-lite0").eval()
+    transform = model_transform("bundled:efficientnet-lite0", model=model)
+    assert transform.input_size == (224, 224) and transform.interpolation == "bicubic"
+    batch = torch.stack(
+        [preprocess(load_sample_image(name), transform) for name in ("china.jpg", "flower.jpg")]
+    )
+    with torch.no_grad():
+        probabilities = model(batch).softmax(-1)
+    assert probabilities.argmax(-1).tolist() == [698, 985]
+    assert (probabilities.max(-1).values > 0.1).all()  # 100 times chance
+
+
+def test_in_order_loading_checks_count_and_every_shape():
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    state = dict(model.state_dict())
+    load_in_order(model, {f"t{i}": v.clone() for i, v in enumerate(state.values())}, "ok")
+    with pytest.raises(ModelError, match=r"tensors, but the model has"):
+        load_in_order(model, dict(list(state.items())[:-1]), "short.pth")
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    with pytest.raises(ModelError, match=rf"tensor 0 has shape .* model's {name} has"):
+        load_in_order(model, {**state, name: torch.zeros(1, 1, 1, 1)}, "wrong.pth")
+
+
+class Payload:
+    """Not a tensor: unpickling it would run code."""
+
+
+def test_weights_are_read_without_unpickling_code(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "nested.pth")
+    assert torch.equal(read_weights(tmp_path / "nested.pth")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2), "payload": Payload()}, tmp_path / "pickled.pth")
+    with pytest.raises(ModelError, match=r"weights_only=True"):
+        read_weights(tmp_path / "pickled.pth")
+    with pytest.raises(ModelError, match=r"does not exist"):
+        read_weights(tmp_path / "absent.safetensors")
+
+
+def _torchvision(name):
+    from torchvision.models import get_model
+
+    return get_model(name, weights=None)
+
+
+def _timm(name):
+    import timm
+
+    return timm.create_model(name, pretrained=False)
+
+
+def _plain_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 100)
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "head"),
+    [
+        (lambda: _torchvision("resnet18"), ("fc.weight", "fc.bias")),
+        (lambda: _torchvision("mobilenet_v3_small"), ("classifier.3.weight", "classifier.3.bias")),
+        (lambda: _torchvision("squeezenet1_1"), ("classifier.1.weight", "classifier.1.bias")),
+        (lambda: _timm("test_vit"), ("head.weight", "head.bias")),
+        (lambda: _timm("test_efficientnet"), ("classifier.weight", "classifier.bias")),
+        (_plain_cnn, ("4.weight", "4.bias")),
+    ],
+    ids=["resnet18", "mobilenet_v3", "squeezenet_conv_head", "timm_vit", "timm_effnet", "plain"],
+)
+def test_the_classifier_is_found_and_replaced(build, head):
+    torch.manual_seed(0)
+    model = build()
+    size = (160, 160) if "vit" in type(model).__name__.lower() else (64, 64)
+    assert replace_head(model, 7, size) == head
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, *size)).shape == (2, 7)
+
+
+def test_a_model_without_a_classifier_is_refused():
+    with pytest.raises(ModelError, match=r"no Linear or Conv2d"):
+        replace_head(nn.Sequential(nn.Flatten()), 3, (8, 8))
+
+
+def test_images_of_every_shape_become_rgb():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert to_rgb_uint8(grey).shape == (3, 4, 3)
+    assert (to_rgb_uint8(grey)[..., 2] == grey).all()
+    assert to_rgb_uint8(np.zeros((3, 4, 4), np.uint8)).shape == (3, 4, 3)
+    with pytest.raises(DataError, match=r"neither grayscale nor RGB"):
+        to_rgb_uint8(np.zeros((3, 4, 2), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory):
+    """Real digits written as PNG files: 3 classes x 4 images, plus a CSV listing them."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digit-files")
+    digits = load_digits()
+    rows = []
+    for label in (0, 1, 2):
+        (root / "folder" / f"digit{label}").mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == label)[:4]:
+            pixels = np.rint(digits.images[i] * 255 / 16).astype(np.uint8)
+            path = root / "folder" / f"digit{label}" / f"{i}.png"
+            Image.fromarray(pixels, mode="L").save(path)
+            rows.append({"file": str(path.relative_to(root)), "digit": f"d{label}"})
+    pd.DataFrame(rows).to_csv(root / "images.csv", index=False)
+    return root
+
+
+def test_image_folder_and_csv_sources_read_the_same_images(digit_files):
+    folder = load_image_folder(digit_files / "folder")
+    table = load_image_csv(digit_files / "images.csv", "file", "digit")
+    assert len(folder) == len(table) == 12
+    assert sorted(folder["label"].unique()) == ["digit0", "digit1", "digit2"]
+    assert all(image.shape == (8, 8, 3) for image in folder["image"])
+    assert sorted(i.tobytes() for i in folder["image"]) == sorted(
+        i.tobytes() for i in table["image"]
+    )
+    with pytest.raises(DataError, match=r"no column\(s\) \['path'\]"):
+        load_image_csv(digit_files / "images.csv", "path", "digit")
+
+
+def test_a_broken_image_file_is_named(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot decode image .*broken.png"):
+        load_image_folder(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(tmp_path_factory, tiny_vision_dir):
+    """``prepare_data`` on scikit-learn's digits for the tiny vision model."""
+    out = tmp_path_factory.mktemp("digits")
+    paths = {name: str(out / f"{name}.parquet") for name in SPLITS}
+    info = run_prepare_data(
+        DataSettings(source="bundled:digits"),
+        ModelSettings(name=f"path:{tiny_vision_dir}"),
+        paths,
+        str(out / "data.json"),
+    )
+    return info, {name: read_split(path) for name, path in paths.items()}
+
+
+def test_digits_are_decoded_once_and_cached_at_their_size(digits_prepared):
+    info, splits = digits_prepared
+    assert info["modality"] == "image" and info["num_labels"] == 10
+    assert info["num_examples"] == 1797 and sum(len(s) for s in splits.values()) == 1797
+    assert info["cached_image_sizes"] == {"min": [8, 8], "max": [8, 8]}
+    assert info["transform"]["input_size"] == [32, 32]
+    assert ImageTransform.from_dict(info["transform"]).input_size == (32, 32)
+    train = splits["train"]
+    assert {"image", "height", "width", "label", "label_id"} <= set(train.columns)
+    assert len(train.iloc[0]["image"]) == 8 * 8 * 3
+    stratified = splits["test"]["label"].value_counts(normalize=True)
+    assert stratified.between(0.08, 0.12).all()
+
+
+def test_large_images_are_cached_no_larger_than_the_model_uses():
+    transform = ImageTransform((224, 224), 256, (0.5,) * 3, (0.5,) * 3)
+    cached = encode_images(pd.DataFrame({"image": [np.zeros((600, 900, 3), np.uint8)]}), transform)
+    assert (cached.loc[0, "height"], cached.loc[0, "width"]) == (256, 384)
+
+
+def test_batches_are_normalised_and_augmentation_is_seeded(digits_prepared):
+    info, splits = digits_prepared
+    frame = splits["train"].head(6)
+    plain = next(iterate_batches(frame, 6, info))
+    assert plain["pixel_values"].shape == (6, 3, 32, 32)
+    assert plain["labels"].tolist() == frame["label_id"].tolist()
+    mean = torch.tensor(info["transform"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["transform"]["std"]).view(1, 3, 1, 1)
+    pixels = plain["pixel_values"] * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert torch.equal(plain["pixel_values"], next(iterate_batches(frame, 6, info))["pixel_values"])
+    augment = ["random_resized_crop", "horizontal_flip"]
+
+    def augmented(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return next(iterate_batches(frame, 6, info, False, generator, augment))["pixel_values"]
+
+    assert torch.equal(augmented(1), augmented(1))
+    assert not torch.equal(augmented(1), augmented(2))
+    assert not torch.equal(augmented(1), plain["pixel_values"])
+
+
+def test_text_model_on_images_is_refused_before_anything_runs(tmp_path, tiny_bert_dir):
+    with pytest.raises(DataError, match=r"holds images, but model.name = .* model for text"):
+        run_prepare_data(
+            DataSettings(source="bundled:digits"),
+            ModelSettings(name=f"path:{tiny_bert_dir}"),
+            {name: str(tmp_path / name) for name in SPLITS},
+            str(tmp_path / "data.json"),
+        )
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"baselines: tfidf_logreg cannot run on image data"):
+        check_modalities(
+            {
+                "data": {"source": "bundled:digits"},
+                "model": {"name": "bundled:efficientnet-lite0"},
+                "baselines": ["tfidf_logreg"],
+            }
+        )
+
+
+def plan(model: nn.Module, head: tuple[str, ...], kind: str = "head_only") -> Plan:
+    """``head_only`` (the body frozen) or ``full``."""
+    return Plan(
+        kind,
+        kind,
+        [
+            TensorPlan(n, "l", 0, p.numel(), kind != "full" and n not in head, 1.0, "", n in head)
+            for n, p in model.named_parameters()
+        ],
+    )
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_frozen_batchnorm_keeps_its_statistics_unless_told(
+    digits_prepared, tiny_vision_dir, mode, device
+):
+    info, splits = digits_prepared
+    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    before = batchnorm_statistics(task.model)
+    settings = TrainSettings(epochs=1, batch_size=16, lr=1e-2, frozen_batchnorm=mode)
+    train = splits["train"].head(32)
+    val = splits["val"].head(16)
+    device = torch.device(device)
+    finetune(task.model, plan(task.model, task.head), train, val, settings, 0, info, device)
+    after = batchnorm_statistics(task.model.cpu())
+    unchanged = [torch.equal(before[k], after[k]) for k in before]
+    assert len(unchanged) == 2 * 15  # running mean and variance of each of the 15 BatchNorms
+    assert all(unchanged) if mode == "eval" else not any(unchanged[:2])
+
+
+def test_a_finetuned_image_model_saves_and_reloads(digits_prepared, tiny_vision_dir, tmp_path):
+    info, splits = digits_prepared
+    task = load_model(ModelSettings(name=f"path:{tiny_vision_dir}"), info["labels"], seed=0)
+    assert task.head == ("fc.weight", "fc.bias") and task.transform == info["transform"]
+    settings = TrainSettings(epochs=3, batch_size=16, lr=1e-2, augment=["random_resized_crop"])
+    result = finetune(
+        task.model,
+        plan(task.model, task.head, "full"),
+        splits["train"].head(160),
+        splits["val"],
+        settings,
+        0,
+        info,
+        torch.device("cpu"),
+    )
+    assert result.best_val_macro_f1 > 0.4  # ten classes: chance is 0.1
+    save_finetuned(task, tmp_path, f"path:{tiny_vision_dir}", info["labels"])
+    saved = json.loads((tmp_path / "adaptune_model.json").read_text())
+    assert saved["name"] == "timm:test_resnet" and saved["labels"] == info["labels"]
+    val = splits["val"].head(20)
+    logits = predict(task.model, val, 8, info, torch.device("cpu"))
+    reloaded = predict(load_finetuned(tmp_path), val, 8, info, torch.device("cpu"))
+    np.testing.assert_allclose(reloaded, logits, atol=1e-5)
