@@ -3,7 +3,12 @@
 # The experiment is config/config.yaml (documented by config/schema.yaml); see README.md.
 
 
-configfile: "config/config.yaml"
+# config/config.yaml is the default experiment. An experiment given with --configfile stands on
+# its own: its missing keys take the schema's defaults, not config.yaml's values (so its
+# strategies are exactly the ones it lists). --config KEY=VALUE overrides either.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "report/workflow.rst"
