@@ -92,6 +92,10 @@ def tiny_batches(model_dir: Path, labels: int = 3, count: int = 2, size: int = 4
     ]
 
 
+# Four one-thread jobs at once: on two cores, one job's process start overlaps another's work.
+PARALLEL = ("--cores", "4", "--set-threads", "finetune=1", "evaluate=1", "score_importance=1")
+
+
 class Workflow:
     """A copy of the workflow in a temporary folder, with its own config and results."""
 

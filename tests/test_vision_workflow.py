@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from .conftest import Workflow
+from .conftest import PARALLEL, Workflow
 
 pytestmark = pytest.mark.workflow
 
@@ -20,7 +20,7 @@ def workflow(tmp_path_factory, tiny_vision_dir) -> Workflow:
         "experiment": "tiny-digits",
         "data": {"source": "bundled:digits", "shots": [4]},
         "model": {"name": f"path:{tiny_vision_dir}", "image_size": 24},
-        "importance": {"batches": 1, "batch_size": 8, "hutchinson_probes": 1},
+        "importance": {"batches": 1, "batch_size": 8, "hutchinson_probes": 2},
         "strategies": {
             "full": {"kind": "full"},
             "head_only": {"kind": "head_only", "train": {"lr": 1e-2}},
@@ -47,7 +47,7 @@ def workflow(tmp_path_factory, tiny_vision_dir) -> Workflow:
         "mlflow": {"tracking_uri": "sqlite:///results/mlflow.db"},
     }
     flow = Workflow(tmp_path_factory.mktemp("vision-workflow"), config)
-    flow.run("--cores", "2")
+    flow.run(*PARALLEL)
     return flow
 
 
@@ -89,6 +89,7 @@ def test_image_runs_are_tracked_like_text_runs(workflow):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["modality"] == "image"
+        assert run.data.params["input_size"] == "[24, 24]"
         assert {"test_macro_f1", "val_macro_f1", "train_loss"} <= set(run.data.metrics)
     assert dry_run_jobs_empty(workflow)
 

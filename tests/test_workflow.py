@@ -9,11 +9,9 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from .conftest import Workflow, tiny_config
+from .conftest import PARALLEL, Workflow, tiny_config
 
 pytestmark = pytest.mark.workflow
-
-PARALLEL = ("--cores", "4", "--set-threads", "finetune=1", "evaluate=1", "score_importance=1")
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,7 @@ def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> No
     strategies = sorted(board["strategy"].unique())
     colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(strategies)}
     fig, axes = plt.subplots(
-        len(shot_values), 2, figsize=(10, 3.6 * len(shot_values)), squeeze=False
+        len(shot_values), 2, figsize=(12, 3.6 * len(shot_values)), squeeze=False
     )
     for row, shots in enumerate(shot_values):
         part = board[board["shots"] == shots]
@@ -233,7 +233,8 @@ def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> No
             ax.set_ylabel("test macro-F1")
             ax.set_title(f"{shots} shots per class", fontsize=10)
             ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=8, loc="lower right")
+    # Outside the panels, so that it never hides a point.
+    axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.suptitle(f"{experiment}: quality against cost (one point per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -340,6 +340,7 @@ def run_finetune(
                 "modality": info.get("modality", "text"),
                 **({"max_length": info["max_length"]} if "max_length" in info else {}),
                 **({"model_weights": model.weights} if model.weights else {}),
+                **({"input_size": info["transform"]["input_size"]} if "transform" in info else {}),
                 **{k: v for k, v in vars(settings).items() if k not in ("seeds",)},
             }
         )
