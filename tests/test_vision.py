@@ -313,3 +313,82 @@ def test_a_finetuned_image_model_saves_and_reloads(digits_prepared, tiny_vision_
     logits = predict(task.model, val, 8, info, torch.device("cpu"))
     reloaded = predict(load_finetuned(tmp_path), val, 8, info, torch.device("cpu"))
     np.testing.assert_allclose(reloaded, logits, atol=1e-5)
+
+
+STRATEGIES = {
+    "full": {"kind": "full"},
+    "head_only": {"kind": "head_only"},
+    "freeze_bottom": {"kind": "freeze_bottom", "layers": 2},
+    "llrd": {"kind": "llrd", "decay": 0.8},
+    "importance": {
+        "kind": "importance",
+        "metric": "combined",
+        "freeze": {"budget": 0.3},
+        "lr": {"mapping": "rank", "min": 0.1, "max": 2.0},
+    },
+    "gradual_unfreeze": {"kind": "gradual_unfreeze", "every": 1},
+    "fastai_fine_tune": {"kind": "fastai_fine_tune", "frozen_epochs": 1},
+    "auto_rgn": {"kind": "auto_rgn"},
+    "childtuning_d": {"kind": "childtuning_d", "p": 0.3},
+    "lora": {"kind": "lora", "r": 4, "targets": ["layer4.0.conv2"]},
+}
+
+
+@pytest.fixture(scope="module")
+def cnn_scores(digits_prepared, tiny_vision_dir):
+    """Every importance metric of the tiny CNN on real digits."""
+    from adaptune.importance import calibration_batches, score_model
+    from adaptune.settings import IMPORTANCE_METRICS
+
+    info, splits = digits_prepared
+    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    batches = calibration_batches(splits["train"], 1, 8, info, seed=0)
+    scores, _ = score_model(task.model, task.head, batches, IMPORTANCE_METRICS, probes=2)
+    return scores
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_trains_an_image_model(digits_prepared, tiny_vision_dir, cnn_scores, name):
+    from adaptune.plans import build_plan
+    from adaptune.settings import StrategySettings
+
+    info, splits = digits_prepared
+    assert cnn_scores.notna().all().all()
+    strategy = StrategySettings.from_config(name, STRATEGIES[name])
+    plan_ = build_plan(cnn_scores, name, strategy)
+    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    settings = TrainSettings(epochs=2, batch_size=8, lr=1e-2)
+    result = finetune(
+        task.model,
+        plan_,
+        splits["train"].head(24),
+        splits["val"].head(16),
+        settings,
+        0,
+        info,
+        torch.device("cpu"),
+    )
+    assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
+    assert 0 < result.trainable_params <= sum(p.numel() for p in task.model.parameters())
+
+
+def test_lora_names_a_module_the_model_lacks(digits_prepared, tiny_vision_dir, cnn_scores):
+    from adaptune.errors import PlanError
+    from adaptune.plans import build_plan
+    from adaptune.settings import StrategySettings
+
+    info, splits = digits_prepared
+    spec = {"kind": "lora", "targets": ["layer9.conv"]}
+    plan_ = build_plan(cnn_scores, "lora", StrategySettings.from_config("lora", spec))
+    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    with pytest.raises(PlanError, match=r"lora: cannot adapt \['layer9.conv'\]"):
+        finetune(
+            task.model,
+            plan_,
+            splits["train"].head(8),
+            splits["val"].head(8),
+            TrainSettings(epochs=1),
+            0,
+            info,
+            torch.device("cpu"),
+        )

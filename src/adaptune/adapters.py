@@ -64,7 +64,10 @@ def add_lora(
         lora_dropout=settings["dropout"],
         target_modules=list(targets),
     )
-    inject_adapter_in_model(config, model)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:  # PEFT's NoMatchingPeftModuleError, unsupported module types
+        raise PlanError(f"lora: cannot adapt {list(targets)}: {err}") from err
     for param, flag in flags:  # PEFT freezes everything else; the plan decides that here
         param.requires_grad_(flag)
     adapters = {n: p for n, p in model.named_parameters() if id(p) not in before}
