@@ -1,7 +1,8 @@
-"""Cost of each importance metric on the bundled MiniLM and BBC News, against one epoch of full
-fine-tuning on the same few-shot split, at the default settings of config/config.yaml.
+"""Cost of each importance metric against one epoch of full fine-tuning on the same few-shot
+split, at the settings of a config (default: config/config.yaml, the bundled MiniLM on BBC News;
+config/vision.yaml measures EfficientNet-Lite0 on digits).
 
-    python benchmarks/importance_cost.py [--config config/config.yaml] [--threads 2]
+    python benchmarks/importance_cost.py [--config config/config.yaml] [--threads 2] [--shots 16]
 
 Prints a markdown table: seconds per metric, the ratio to one training epoch, and the process's
 peak resident memory after each metric (it only grows).
@@ -17,11 +18,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaptune.data import prepare, sample_few_shot
+from adaptune.data import prepare_for, sample_few_shot
 from adaptune.importance import METRICS, calibration_batches, score_model
-from adaptune.models import load_model, load_tokenizer
+from adaptune.models import load_model
 from adaptune.plans import build_plan
-from adaptune.settings import DataSettings, ImportanceSettings, StrategySettings, TrainSettings
+from adaptune.settings import (
+    DataSettings,
+    ImportanceSettings,
+    ModelSettings,
+    StrategySettings,
+    TrainSettings,
+)
 from adaptune.training import finetune
 
 
@@ -42,12 +49,13 @@ def main() -> None:
     train_settings = TrainSettings.from_config(
         {k: v for k, v in config.get("train", {}).items() if k != "seeds"}
     )
-    model_name = config["model"]["name"]
+    model = ModelSettings.from_config(config["model"])
+    model_name = model.name
 
-    splits, info = prepare(data, load_tokenizer(model_name))
+    splits, info = prepare_for(data, model)
     few = sample_few_shot(splits["train"], args.shots, data.seed)
     batches = calibration_batches(
-        few, importance.batches, importance.batch_size, info["pad_token_id"], importance.seed
+        few, importance.batches, importance.batch_size, info, importance.seed
     )
     options = {
         "probes": importance.hutchinson_probes,
@@ -59,28 +67,28 @@ def main() -> None:
     }
     rows = []
     for name in [m for m in METRICS if m in importance.metrics]:
-        task = load_model(model_name, info["labels"], importance.seed)
+        task = load_model(model, info["labels"], importance.seed)
         _, seconds = score_model(task.model, task.head, batches, [name], **options)
         rows.append((name, seconds[name], peak_rss_mb()))
-    task = load_model(model_name, info["labels"], importance.seed)
+    task = load_model(model, info["labels"], importance.seed)
     _, seconds = score_model(task.model, task.head, batches, importance.metrics, **options)
     together = sum(seconds.values())
 
-    task = load_model(model_name, info["labels"], 0)
+    task = load_model(model, info["labels"], 0)
     scores, _ = score_model(task.model, task.head, batches[:1], ["weight_l2"])
     plan = build_plan(scores, "full", StrategySettings(kind="full"))
     epoch = TrainSettings(**{**vars(train_settings), "epochs": 1})
     start = time.perf_counter()
-    result = finetune(
-        task.model, plan, few, few.head(8), epoch, 0, info["pad_token_id"], torch.device("cpu")
-    )
+    result = finetune(task.model, plan, few, few.head(8), epoch, 0, info, torch.device("cpu"))
     epoch_seconds = result.train_seconds
     wall = time.perf_counter() - start
 
     examples = importance.batches * importance.batch_size
     print(
         f"\nmodel {model_name}, {args.shots} shots x {info['num_labels']} classes "
-        f"({len(few)} examples), max_length {data.max_length}, {args.threads} threads"
+        f"({len(few)} examples), {info['modality']} input "
+        f"{info.get('transform', {}).get('input_size') or f'max_length {data.max_length}'}, "
+        f"{args.threads} threads"
     )
     print(
         f"calibration: {importance.batches} batches x {importance.batch_size} = {examples} "

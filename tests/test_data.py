@@ -123,10 +123,11 @@ def test_batches_are_padded_per_batch():
     frame = pd.DataFrame(
         {"input_ids": [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])], "label_id": [0, 1, 0]}
     )
-    batch = next(iterate_batches(frame, 2, {"modality": "text", "pad_token_id": 0}))
+    text = {"modality": "text", "pad_token_id": 0}
+    batch = next(iterate_batches(frame, 2, text))
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     shuffled = list(
-        iterate_batches(frame, 3, 0, shuffle=True, generator=torch.Generator().manual_seed(0))
+        iterate_batches(frame, 3, text, shuffle=True, generator=torch.Generator().manual_seed(0))
     )
     assert sorted(shuffled[0]["labels"].tolist()) == [0, 0, 1]

@@ -338,11 +338,11 @@ def iterate_batches(
         }
 
 
-def run_prepare_data(
-    settings: DataSettings, model: ModelSettings, split_paths: dict[str, str], info_path: str
-) -> dict:
-    """The ``prepare_data`` stage: load, check, split and tokenise (text) or decode (images);
-    write the splits and ``data.json``."""
+def prepare_for(
+    settings: DataSettings, model: ModelSettings
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Load, check and split the data, then tokenise it for a text model or decode and cache it
+    in the input transform of an image model. Returns the splits and ``data.json``."""
     from adaptune.models import load_tokenizer
 
     if settings.is_image != model.is_image:
@@ -355,9 +355,15 @@ def run_prepare_data(
         from adaptune.vision import model_transform
 
         transform = model_transform(model.name, model.weights, image_size=model.image_size)
-        splits, info = prepare_images(settings, transform)
-    else:
-        splits, info = prepare(settings, load_tokenizer(model.name))
+        return prepare_images(settings, transform)
+    return prepare(settings, load_tokenizer(model.name))
+
+
+def run_prepare_data(
+    settings: DataSettings, model: ModelSettings, split_paths: dict[str, str], info_path: str
+) -> dict:
+    """The ``prepare_data`` stage: :func:`prepare_for`, then write the splits and ``data.json``."""
+    splits, info = prepare_for(settings, model)
     for name, part in splits.items():
         save_split(part, split_paths[name])
         log.info("%s: %d examples %s", name, len(part), info["class_counts"][name])
