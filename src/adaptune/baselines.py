@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adaptune.settings import BASELINES
+from adaptune.errors import ConfigError
+from adaptune.settings import BASELINES, baselines_mismatch
 
 PIXEL_SIDE = 16
 
@@ -72,12 +73,9 @@ def run_baseline(
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     info = read_data_info(data_info_path)
     modality = info.get("modality", "text")
-    if BASELINES[name] != modality:
-        fitting = [b for b, m in BASELINES.items() if m == modality]
-        raise ValueError(
-            f"baseline {name!r} is for {BASELINES[name]}, but the data are {modality}; "
-            f"use {', '.join(fitting)}"
-        )
+    problem = baselines_mismatch([name], modality)
+    if problem:
+        raise ConfigError(problem)
     train, test = read_split(train_path), read_split(test_path)
     start = time.perf_counter()
     if modality == "image":

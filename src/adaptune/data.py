@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from adaptune.errors import DataError
-from adaptune.settings import DataSettings, ModelSettings
+from adaptune.settings import DataSettings, ModelSettings, modality_mismatch
 
 if TYPE_CHECKING:
     from adaptune.vision import ImageTransform
@@ -345,12 +345,9 @@ def prepare_for(
     in the input transform of an image model. Returns the splits and ``data.json``."""
     from adaptune.models import load_tokenizer
 
-    if settings.is_image != model.is_image:
-        data_kind, model_kind = ("images", "text") if settings.is_image else ("text", "images")
-        raise DataError(
-            f"data.source = {settings.source!r} holds {data_kind}, but model.name = "
-            f"{model.name!r} is a model for {model_kind}"
-        )
+    problem = modality_mismatch(settings, model)
+    if problem:
+        raise DataError(problem)
     if settings.is_image:
         from adaptune.vision import model_transform
 

@@ -428,20 +428,34 @@ def write_settings(path: str | Path, **sections: Any) -> None:
     Path(path).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
+def modality_mismatch(data: DataSettings, model: ModelSettings) -> str | None:
+    """What is wrong when the data and the model are not both text or both images, else None."""
+    if data.is_image == model.is_image:
+        return None
+    data_kind, model_kind = ("images", "text") if data.is_image else ("text", "images")
+    return (
+        f"data.source = {data.source!r} holds {data_kind}, but model.name = {model.name!r} is a "
+        f"model for {model_kind}"
+    )
+
+
+def baselines_mismatch(baselines: list[str], modality: str) -> str | None:
+    """What is wrong when some ``baselines`` cannot fit ``modality`` data, else None."""
+    wrong = [b for b in baselines if BASELINES.get(b, modality) != modality]
+    if not wrong:
+        return None
+    fitting = [b for b, m in BASELINES.items() if m == modality]
+    return f"baselines: {', '.join(wrong)} cannot run on {modality} data; use {', '.join(fitting)}"
+
+
 def check_modalities(config: Mapping[str, Any]) -> None:
     """The data, the model and the baselines must all be text or all images; say which key is
-    off before any job starts."""
+    off before any job starts (the stages check again, with the same messages)."""
     data = DataSettings.from_config(config["data"])
     model = ModelSettings.from_config(config["model"])
     modality = "image" if data.is_image else "text"
-    if model.is_image != data.is_image:
-        raise ConfigError(
-            f"data.source = {data.source!r} holds {modality} data, but model.name = "
-            f"{model.name!r} is a model for {'images' if model.is_image else 'text'}"
-        )
-    wrong = [b for b in config.get("baselines", []) if BASELINES.get(b, modality) != modality]
-    if wrong:
-        fitting = [b for b, m in BASELINES.items() if m == modality]
-        raise ConfigError(
-            f"baselines: {', '.join(wrong)} cannot run on {modality} data; use {', '.join(fitting)}"
-        )
+    problem = modality_mismatch(data, model) or baselines_mismatch(
+        config.get("baselines", []), modality
+    )
+    if problem:
+        raise ConfigError(problem)

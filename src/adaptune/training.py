@@ -316,7 +316,6 @@ def run_finetune(
     plan = Plan.load(plan_path)
     device = select_device(settings.device)
     task = load_model(model, info["labels"], key.seed)
-    model_name = model.name
     experiment = tracking.read_experiment(experiment_path)
     run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
     tags = {
@@ -330,7 +329,7 @@ def run_finetune(
         Path(outputs["run_id"]).write_text(run.info.run_id + "\n")
         tracking.log_params(
             {
-                "model": model_name,
+                "model": model.name,
                 "strategy": key.strategy,
                 "plan_kind": plan.kind,
                 "shots": key.shots,
@@ -357,13 +356,13 @@ def run_finetune(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
             ),
         )
-        save_finetuned(task, outputs["model"], model_name, info["labels"])
+        save_finetuned(task, outputs["model"], model.name, info["labels"])
         result.history.to_csv(outputs["history"], index=False)
         summary = {
             "strategy": key.strategy,
             "shots": key.shots,
             "seed": key.seed,
-            "model": model_name,
+            "model": model.name,
             "trainable_params": result.trainable_params,
             "trainable_fraction": result.trainable_params / plan.totals["params"],
             "train_seconds": result.train_seconds,
@@ -381,7 +380,7 @@ def run_finetune(
                 "trainable_fraction": round(summary["trainable_fraction"], 6),
             }
         )
-        write_settings(outputs["settings"], train=settings, model=model_name, run=vars(key))
+        write_settings(outputs["settings"], train=settings, model=model.name, run=vars(key))
         tracking.log_metrics(
             {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
         )
