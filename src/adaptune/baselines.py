@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 from adaptune.errors import ConfigError
 from adaptune.settings import BASELINES, baselines_mismatch
@@ -21,10 +20,12 @@ def pixel_features(frame: pd.DataFrame) -> np.ndarray:
     """Each cached image resized (antialiased) to 16x16 RGB, flattened, in [0, 1]."""
     import torchvision.transforms.v2.functional as F
 
+    from adaptune.vision import cached_image
+
     rows = []
     for data, height, width in zip(frame["image"], frame["height"], frame["width"], strict=True):
-        image = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(height, width, 3)
-        small = F.resize(image.permute(2, 0, 1), [PIXEL_SIDE, PIXEL_SIDE], antialias=True)
+        image = cached_image(data, int(height), int(width))
+        small = F.resize(image, [PIXEL_SIDE, PIXEL_SIDE], antialias=True)
         rows.append(small.flatten().numpy() / 255.0)
     return np.stack(rows)
 

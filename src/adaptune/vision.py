@@ -133,8 +133,13 @@ def _torchvision_weights(name: str, weights: str) -> Any | None:
         ) from None
 
 
+def _weights_file(weights: str) -> str:
+    """``model.weights`` when it names a file (it has a suffix), else "" (a weights name)."""
+    return weights if Path(weights).suffix else ""
+
+
 def _torchvision_transform(name: str, weights: str) -> ImageTransform:
-    member = _torchvision_weights(name, "" if Path(weights).suffix else weights)
+    member = _torchvision_weights(name, "" if _weights_file(weights) else weights)
     if member is None:
         raise ModelError(
             f"torchvision:{name} has no registered weights, so its input size and normalisation "
@@ -234,13 +239,12 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = True) -> nn.
     if kind == "torchvision":
         from torchvision.models import get_model
 
-        weights_file = weights if Path(weights).suffix else ""
-        member = _torchvision_weights(arch, "" if weights_file else weights)
+        weights_file = _weights_file(weights)
         try:
             if not pretrained or weights_file:
                 model = get_model(arch, weights=None)
-            else:
-                model = get_model(arch, weights=member)  # downloads on first use
+            else:  # downloads on first use
+                model = get_model(arch, weights=_torchvision_weights(arch, weights))
         except (ValueError, KeyError) as err:
             raise ModelError(f"model.name = {name!r}: {err}") from err
         if pretrained and weights_file:
@@ -249,7 +253,7 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = True) -> nn.
     if kind == "timm":
         import timm
 
-        weights_file = weights if weights and Path(weights).suffix else ""
+        weights_file = _weights_file(weights)
         try:
             model = timm.create_model(arch, pretrained=pretrained and not weights_file)
         except RuntimeError as err:
@@ -553,6 +557,12 @@ def image_fingerprint(frame: pd.DataFrame) -> str:
 # --- batches ------------------------------------------------------------------------------
 
 
+def cached_image(data: bytes, height: int, width: int) -> torch.Tensor:
+    """A cached image (raw RGB bytes of ``height`` x ``width``) as a uint8 tensor (3, H, W)."""
+    image = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(height, width, 3)
+    return image.permute(2, 0, 1)
+
+
 def _mode(interpolation: str) -> Any:
     from torchvision.transforms import InterpolationMode
 
@@ -595,11 +605,11 @@ def image_tensor(
     """
     import torchvision.transforms.v2.functional as F
 
-    image = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(height, width, 3)
-    image = image.permute(2, 0, 1)
+    image = cached_image(data, height, width)
     mode = _mode(transform.interpolation)
+    if augment and generator is None:
+        generator = torch.Generator().manual_seed(0)
     if "random_resized_crop" in augment:
-        generator = generator or torch.Generator().manual_seed(0)
         top, left, h, w = _random_crop_box(height, width, generator, (0.35, 1.0))
         image = F.resized_crop(
             image, top, left, h, w, list(transform.input_size), mode, antialias=True
@@ -607,10 +617,8 @@ def image_tensor(
     else:
         image = F.resize(image, transform.resize_size, interpolation=mode, antialias=True)
         image = F.center_crop(image, list(transform.input_size))
-    if "horizontal_flip" in augment:
-        generator = generator or torch.Generator().manual_seed(0)
-        if float(torch.rand(1, generator=generator)) < 0.5:
-            image = F.horizontal_flip(image)
+    if "horizontal_flip" in augment and float(torch.rand(1, generator=generator)) < 0.5:
+        image = F.horizontal_flip(image)
     return F.normalize(image.float() / 255.0, list(transform.mean), list(transform.std))
 
 
@@ -638,15 +646,11 @@ def image_batches(
         }
 
 
-def set_frozen_batchnorm_eval(model: nn.Module) -> int:
+def set_frozen_batchnorm_eval(model: nn.Module) -> None:
     """Put every BatchNorm layer whose parameters are all frozen into eval mode: it keeps its
-    pretrained running statistics instead of re-estimating them from small few-shot batches.
-    Returns how many layers it switched."""
-    switched = 0
+    pretrained running statistics instead of re-estimating them from small few-shot batches."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
-                switched += 1
-    return switched
