@@ -91,8 +91,4 @@ def test_image_runs_are_tracked_like_text_runs(workflow):
         assert run.data.params["modality"] == "image"
         assert run.data.params["input_size"] == "[24, 24]"
         assert {"test_macro_f1", "val_macro_f1", "train_loss"} <= set(run.data.metrics)
-    assert dry_run_jobs_empty(workflow)
-
-
-def dry_run_jobs_empty(workflow) -> bool:
-    return workflow.dry_run_jobs() == {}
+    assert workflow.dry_run_jobs() == {}  # and a second run has nothing to do
