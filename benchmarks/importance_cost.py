@@ -18,17 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from adaptune.data import prepare_for, sample_few_shot
-from adaptune.importance import METRICS, calibration_batches, score_model
-from adaptune.models import load_model
-from adaptune.plans import build_plan
-from adaptune.settings import (
-    DataSettings,
-    ImportanceSettings,
-    ModelSettings,
-    StrategySettings,
-    TrainSettings,
-)
+from adaptune import config as schema
+from adaptune import modalities, strategies
+from adaptune.data import prepare, sample_few_shot
+from adaptune.importance import METRICS, calibration_batches, layer_table, score_model
+from adaptune.plans import ScoreTables
+from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings, TrainSettings
 from adaptune.training import finetune
 
 
@@ -43,16 +38,14 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = yaml.safe_load(Path(args.config).read_text())
-    data = DataSettings.from_config({k: v for k, v in config["data"].items() if k != "shots"})
-    importance = ImportanceSettings.from_config(config.get("importance"))
-    train_settings = TrainSettings.from_config(
-        {k: v for k, v in config.get("train", {}).items() if k != "seeds"}
-    )
+    config = schema.check_schema(yaml.safe_load(Path(args.config).read_text()))
+    data = DataSettings.from_config(config["data"])
+    importance = ImportanceSettings.from_config(config["importance"])
     model = ModelSettings.from_config(config["model"])
     model_name = model.name
 
-    splits, info = prepare_for(data, model)
+    splits, info = prepare(data, model)
+    modality = modalities.get(info)
     few = sample_few_shot(splits["train"], args.shots, data.seed)
     batches = calibration_batches(
         few, importance.batches, importance.batch_size, info, importance.seed
@@ -67,19 +60,19 @@ def main() -> None:
     }
     rows = []
     for name in [m for m in METRICS if m in importance.metrics]:
-        task = load_model(model, info["labels"], importance.seed)
-        _, seconds = score_model(task.model, task.head, batches, [name], **options)
+        task = modality.load_pretrained(model, info["labels"], importance.seed, info)
+        _, seconds = score_model(task, batches, [name], **options)
         rows.append((name, seconds[name], peak_rss_mb()))
-    task = load_model(model, info["labels"], importance.seed)
-    _, seconds = score_model(task.model, task.head, batches, importance.metrics, **options)
+    task = modality.load_pretrained(model, info["labels"], importance.seed, info)
+    _, seconds = score_model(task, batches, importance.metrics, **options)
     together = sum(seconds.values())
 
-    task = load_model(model, info["labels"], 0)
-    scores, _ = score_model(task.model, task.head, batches[:1], ["weight_l2"])
-    plan = build_plan(scores, "full", StrategySettings(kind="full"))
-    epoch = TrainSettings(**{**vars(train_settings), "epochs": 1})
+    task = modality.load_pretrained(model, info["labels"], 0, info)
+    scores, _ = score_model(task, batches[:1], ["weight_l2"])
+    plan = strategies.build_plan(ScoreTables(scores, layer_table(scores)), "full", {"kind": "full"})
+    epoch = TrainSettings.from_config({**config["train"], "epochs": 1})
     start = time.perf_counter()
-    result = finetune(task.model, plan, few, few.head(8), epoch, 0, info, torch.device("cpu"))
+    result = finetune(task, plan, few, few.head(8), epoch, 0, info, torch.device("cpu"))
     epoch_seconds = result.train_seconds
     wall = time.perf_counter() - start
 

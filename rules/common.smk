@@ -5,16 +5,17 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-validate(config, schema="../config/schema.yaml")
-
-# Data, model and baselines must agree on text or images (the stages check it again). Without
-# adaptune beside snakemake (rules' environments built by --sdm conda) the check waits for them.
+# The config is checked once, here, before any job starts: against config/schema.yaml (which
+# fills in its defaults), then the rules between keys and that the data, the model and the
+# baselines are of one modality, each problem in one line naming the key. Where snakemake runs
+# without adaptune beside it (rules' environments built by --sdm conda), Snakemake checks the
+# schema alone and the stages check the rest.
 try:
-    from adaptune.settings import check_modalities
+    from adaptune.experiment import validate_config
 except ImportError:
-    pass
+    validate(config, schema="../config/schema.yaml")
 else:
-    check_modalities(config)
+    validate_config(config)
 
 
 ENV = "../envs/adaptune.yaml"

@@ -1,6 +1,7 @@
 rule make_freeze_plan:
     input:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
+        layers=IMPORTANCE / "k{shots}/layers.parquet",
     output:
         plan=PLANS / "k{shots}/{strategy}.json",
         summary=PLANS / "k{shots}/{strategy}.md",

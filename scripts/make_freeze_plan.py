@@ -1,20 +1,21 @@
-"""Rule make_freeze_plan: a strategy's reviewable freeze plan (adaptune.plans)."""
+"""Rule make_freeze_plan: a strategy's reviewable freeze plan (adaptune.strategies)."""
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adaptune import strategies
+from adaptune.figures import plot_plan
 from adaptune.logs import to_log_file
-from adaptune.plans import build_plan, plot_plan, read_scores
-from adaptune.settings import StrategySettings
+from adaptune.plans import ScoreTables
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
 with to_log_file(snakemake.log[0]):
     name = snakemake.wildcards.strategy
-    strategy = StrategySettings.from_config(name, snakemake.params.strategy)
-    plan = build_plan(read_scores(snakemake.input.scores), name, strategy)
+    tables = ScoreTables.read(snakemake.input.scores, snakemake.input.layers)
+    plan = strategies.build_plan(tables, name, snakemake.params.strategy)
     plan.save(snakemake.output.plan)
     Path(snakemake.output.summary).write_text(plan.to_markdown())
     plot_plan(plan, snakemake.output.figure)

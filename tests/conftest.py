@@ -31,7 +31,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     saved as a Hugging Face folder without a classification head, like a pretrained encoder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from adaptune.models import resolve_model
+    from adaptune.modalities.text.models import resolve_model
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled:all-MiniLM-L6-v2"))
@@ -56,27 +56,38 @@ def tiny_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     trains in seconds on the CPU."""
     import timm
 
-    from adaptune.vision import ImageTransform, save_vision_model
+    from adaptune.modalities.image.models import save_classifier
+    from adaptune.modalities.image.transforms import ImageTransform
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False)
     transform = ImageTransform((32, 32), 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     directory = tmp_path_factory.mktemp("tiny-vision")
     labels = [str(i) for i in range(model.num_classes)]
-    save_vision_model(model, directory, "timm:test_resnet", labels, transform.to_dict())
+    save_classifier(model, directory, "timm:test_resnet", labels, transform.to_dict())
     return directory
 
 
 @pytest.fixture(scope="session")
 def bbc_sample_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 real BBC News articles per topic, with other column names than the default ones."""
-    from adaptune.data import load_bbc_news
+    from adaptune.modalities.text.sources import load_bbc_news
 
     frame = load_bbc_news().groupby("label").head(24)
     frame["text"] = frame["text"].str.slice(0, 400)
     path = tmp_path_factory.mktemp("data") / "news.csv"
     frame.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
     return path
+
+
+def tiny_task(model_dir: Path, labels: list[str], seed: int = 0):
+    """The tiny BERT with a new head for ``labels``, as the text modality loads it."""
+    from adaptune.modalities.text import MODALITY
+    from adaptune.settings import ModelSettings
+
+    return MODALITY.load_pretrained(
+        ModelSettings.from_config(f"path:{model_dir}"), labels, seed, {}
+    )
 
 
 def tiny_batches(model_dir: Path, labels: int = 3, count: int = 2, size: int = 4) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptune.models import resolve_model
+from adaptune.modalities.text.models import resolve_model
 
 from .conftest import Workflow
 

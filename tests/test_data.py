@@ -3,24 +3,20 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptune.data import (
-    check_examples,
-    fingerprint,
-    iterate_batches,
-    load_bbc_news,
-    load_examples,
-    prepare,
-    sample_few_shot,
-    split_examples,
-)
+from adaptune.data import batches, check_labels, prepare, sample_few_shot, split_examples
 from adaptune.errors import DataError
-from adaptune.models import load_tokenizer
-from adaptune.settings import DataSettings
+from adaptune.modalities.text import MODALITY as TEXT
+from adaptune.modalities.text.sources import load_bbc_news
+from adaptune.settings import DataSettings, ModelSettings
+
+
+def data(source: str, **values) -> DataSettings:
+    return DataSettings.from_config({"source": source, **values})
 
 
 @pytest.fixture(scope="module")
 def bbc() -> pd.DataFrame:
-    return check_examples(load_bbc_news(), "bbc")
+    return check_labels(load_bbc_news(), "bbc")
 
 
 def test_bbc_news_is_the_whole_corpus(bbc):
@@ -70,49 +66,53 @@ def test_missing_column_is_named(tmp_path):
     path = tmp_path / "d.csv"
     pd.DataFrame({"body": ["a", "b"], "topic": ["x", "y"]}).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"no column\(s\) \['text', 'label'\].*\['body', 'topic'\]"):
-        load_examples(DataSettings(source=f"csv:{path}"))
+        TEXT.load_examples(data(f"csv:{path}"))
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"no file at .*nope.csv"):
-        load_examples(DataSettings(source=f"csv:{tmp_path / 'nope.csv'}"))
+        TEXT.load_examples(data(f"csv:{tmp_path / 'nope.csv'}"))
 
 
 @pytest.mark.parametrize(
     ("frame", "message"),
     [
         (pd.DataFrame({"text": ["a", "b"], "label": ["x", "x"]}), "only one class"),
-        (
-            pd.DataFrame({"text": ["a", " ", "c"], "label": ["x", "y", "x"]}),
-            r"empty text \(rows \[1\]\)",
-        ),
         (pd.DataFrame({"text": ["a", "b"], "label": ["x", None]}), "have no label"),
         (pd.DataFrame({"text": [], "label": []}), "no examples"),
     ],
 )
-def test_bad_data_is_refused(frame, message):
+def test_bad_labels_are_refused(frame, message):
     with pytest.raises(DataError, match=message):
-        check_examples(frame, "src")
+        check_labels(frame, "src")
+
+
+def test_empty_texts_are_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": ["a", " ", "c"], "label": ["x", "y", "x"]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"empty text \(rows \[1\]\)"):
+        TEXT.load_examples(data(f"csv:{path}"))
 
 
 def test_tiny_classes_cannot_be_split():
-    frame = check_examples(pd.DataFrame({"text": list("abcdefg"), "label": list("xxxxxyy")}), "s")
+    frame = check_labels(pd.DataFrame({"text": list("abcdefg"), "label": list("xxxxxyy")}), "s")
     with pytest.raises(DataError, match=r"fewer than 3 examples"):
         split_examples(frame, 0.2, 0.2, 0)
 
 
 def test_fingerprint_follows_content(bbc):
-    assert fingerprint(bbc) == fingerprint(bbc.copy())
+    assert TEXT.fingerprint(bbc) == TEXT.fingerprint(bbc.copy())
     changed = bbc.copy()
     changed.loc[0, "text"] += "!"
-    assert fingerprint(changed) != fingerprint(bbc)
+    assert TEXT.fingerprint(changed) != TEXT.fingerprint(bbc)
 
 
 def test_prepare_csv_with_other_columns_and_labels(bbc_sample_csv, tiny_bert_dir):
-    settings = DataSettings(
-        source=f"csv:{bbc_sample_csv}", text_column="body", label_column="topic", max_length=16
+    settings = data(
+        f"csv:{bbc_sample_csv}", text_column="body", label_column="topic", max_length=16
     )
-    splits, info = prepare(settings, load_tokenizer(f"path:{tiny_bert_dir}"))
+    splits, info = prepare(settings, ModelSettings.from_config(f"path:{tiny_bert_dir}"))
+    assert info["modality"] == "text" and info["max_length"] == 16
     assert info["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
     assert sum(sum(c.values()) for c in info["class_counts"].values()) == 120
     assert all(len(ids) <= 16 for ids in splits["train"]["input_ids"])
@@ -124,10 +124,10 @@ def test_batches_are_padded_per_batch():
         {"input_ids": [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])], "label_id": [0, 1, 0]}
     )
     text = {"modality": "text", "pad_token_id": 0}
-    batch = next(iterate_batches(frame, 2, text))
+    batch = next(batches(frame, 2, text))
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     shuffled = list(
-        iterate_batches(frame, 3, text, shuffle=True, generator=torch.Generator().manual_seed(0))
+        batches(frame, 3, text, shuffle=True, generator=torch.Generator().manual_seed(0))
     )
     assert sorted(shuffled[0]["labels"].tolist()) == [0, 0, 1]

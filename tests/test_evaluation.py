@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from adaptune.evaluation import classification_metrics, evaluate_predictions, plot_confusion
+from adaptune.evaluation import classification_metrics, evaluate_predictions
+from adaptune.figures import plot_confusion
 
 
 def test_metrics_on_a_known_case():

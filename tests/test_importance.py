@@ -3,27 +3,27 @@ import pandas as pd
 import pytest
 import torch
 
+from adaptune.figures import plot_heatmap
 from adaptune.importance import (
     calibration_batches,
     layer_table,
-    plot_heatmap,
+    metric_agreement,
     score_model,
 )
-from adaptune.models import load_model
 
-from .conftest import tiny_batches
+from .conftest import tiny_batches, tiny_task
 
 METRICS = ["weight_l1", "weight_l2", "grad_norm"]
 
 
 @pytest.fixture(scope="module")
 def task(tiny_bert_dir):
-    return load_model(f"path:{tiny_bert_dir}", ["a", "b", "c"], seed=0)
+    return tiny_task(tiny_bert_dir, ["a", "b", "c"])
 
 
 def test_grad_norm_matches_plain_autograd(task, tiny_bert_dir):
     batches = tiny_batches(tiny_bert_dir)
-    table, _ = score_model(task.model, task.head, batches, ["grad_norm"])
+    table, _ = score_model(task, batches, ["grad_norm"])
     model = task.model.eval()
     inputs = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -39,17 +39,17 @@ def test_scoring_changes_nothing_and_is_deterministic(task, tiny_bert_dir):
     model.train()
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    first, seconds = score_model(model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    first, seconds = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert model.training and not model.bert.embeddings.word_embeddings.weight.requires_grad
-    second, _ = score_model(model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    second, _ = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
     pd.testing.assert_frame_equal(first, second)
     assert set(seconds) == set(METRICS)
     model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
 
 
 def test_score_table_columns_and_ranks(task, tiny_bert_dir):
-    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    table, _ = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
     assert len(table) == len(list(task.model.parameters()))
     for metric in METRICS:
         assert {metric, f"{metric}_per_element", f"{metric}_rank"} <= set(table.columns)
@@ -64,7 +64,7 @@ def test_score_table_columns_and_ranks(task, tiny_bert_dir):
 
 
 def test_layer_table_aggregates_by_metric_kind(task, tiny_bert_dir):
-    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    table, _ = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
     layers = layer_table(table).set_index("layer")
     block = [p for n, p in task.model.named_parameters() if n.startswith("bert.encoder.layer.1.")]
     flat = torch.cat([p.detach().flatten() for p in block])
@@ -75,9 +75,7 @@ def test_layer_table_aggregates_by_metric_kind(task, tiny_bert_dir):
 
 
 def test_agreement_is_a_spearman_matrix(task, tiny_bert_dir):
-    from adaptune.importance import metric_agreement
-
-    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
+    table, _ = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
     agreement = metric_agreement(table)
     assert list(agreement.columns) == METRICS
     assert np.allclose(np.diag(agreement), 1.0)
@@ -86,8 +84,8 @@ def test_agreement_is_a_spearman_matrix(task, tiny_bert_dir):
 
 
 def test_heatmap_is_written(task, tiny_bert_dir, tmp_path):
-    table, _ = score_model(task.model, task.head, tiny_batches(tiny_bert_dir), METRICS)
-    plot_heatmap(layer_table(table), tmp_path / "heatmap.png")
+    table, _ = score_model(task, tiny_batches(tiny_bert_dir), METRICS)
+    plot_heatmap(layer_table(table), METRICS, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").stat().st_size > 10_000
 
 

@@ -10,11 +10,24 @@ from torch.func import functional_call
 from adaptune import importance
 from adaptune.importance import (
     fisher_diagonal,
+    gradient_moments,
     hutchinson_trace,
     layer_table,
     score_model,
-    squared_gradients,
 )
+from adaptune.modalities import TaskModel
+from adaptune.modalities.image import MODALITY as IMAGE
+
+from .conftest import tiny_batches, tiny_task
+
+
+def task_of(model: nn.Module, head=()) -> TaskModel:
+    """A model fed one positional tensor (``pixel_values``), as image models are."""
+    return TaskModel(model, tuple(head), IMAGE)
+
+
+def squared_gradients(model, data, chunk_size=8, method="auto"):
+    return gradient_moments(task_of(model), data, chunk_size, method)[1]
 
 
 def mlp() -> nn.Module:
@@ -26,7 +39,7 @@ def batches(count: int = 2, size: int = 6, features: int = 3, classes: int = 4) 
     generator = torch.Generator().manual_seed(0)
     return [
         {
-            "inputs": torch.randn(size, features, generator=generator),
+            "pixel_values": torch.randn(size, features, generator=generator),
             "labels": torch.randint(0, classes, (size,), generator=generator),
         }
         for _ in range(count)
@@ -39,7 +52,7 @@ def exact_block_traces(model: nn.Module, data: list[dict]) -> dict[str, float]:
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-    x = torch.cat([b["inputs"] for b in data]).double()
+    x = torch.cat([b["pixel_values"] for b in data]).double()
     y = torch.cat([b["labels"] for b in data])
 
     def loss(vector: torch.Tensor) -> torch.Tensor:
@@ -63,14 +76,16 @@ def exact_block_traces(model: nn.Module, data: list[dict]) -> dict[str, float]:
 def test_hutchinson_is_within_three_standard_errors_of_the_exact_trace():
     model, data = mlp(), batches()
     exact = exact_block_traces(model, data)
-    estimates = hutchinson_trace(model, data, probes=400, seed=0)
+    estimates = hutchinson_trace(task_of(model), data, probes=400, seed=0)
     for name, draws in estimates.items():
         se = draws.std(ddof=1) / np.sqrt(len(draws))
         assert abs(draws.mean() - exact[name]) <= 3 * se + 1e-6, name
     # The estimate of the whole trace converges: its error shrinks as 1/sqrt(probes).
     total = sum(exact.values())
-    few = np.sum(list(hutchinson_trace(model, data, probes=16, seed=1).values()), axis=0)
-    many = np.sum(list(hutchinson_trace(model, data, probes=1024, seed=1).values()), axis=0)
+    few = np.sum(list(hutchinson_trace(task_of(model), data, probes=16, seed=1).values()), axis=0)
+    many = np.sum(
+        list(hutchinson_trace(task_of(model), data, probes=1024, seed=1).values()), axis=0
+    )
     se_few, se_many = few.std(ddof=1) / 4, many.std(ddof=1) / 32
     assert 0.08 < se_many / se_few < 0.2  # 1/8 expected
     assert abs(many.mean() - total) <= 3 * se_many
@@ -78,9 +93,9 @@ def test_hutchinson_is_within_three_standard_errors_of_the_exact_trace():
 
 def test_hutchinson_is_deterministic_for_a_seed():
     model, data = mlp(), batches()
-    first = hutchinson_trace(model, data, probes=4, seed=7)
-    second = hutchinson_trace(model, data, probes=4, seed=7)
-    other = hutchinson_trace(model, data, probes=4, seed=8)
+    first = hutchinson_trace(task_of(model), data, probes=4, seed=7)
+    second = hutchinson_trace(task_of(model), data, probes=4, seed=7)
+    other = hutchinson_trace(task_of(model), data, probes=4, seed=8)
     assert all(np.array_equal(first[n], second[n]) for n in first)
     assert any(not np.array_equal(first[n], other[n]) for n in first)
 
@@ -89,7 +104,7 @@ def test_fisher_of_softmax_regression_matches_its_closed_form():
     torch.manual_seed(0)
     model = nn.Linear(3, 4)
     data = batches(count=2, size=5)
-    x = torch.cat([b["inputs"] for b in data])
+    x = torch.cat([b["pixel_values"] for b in data])
     y = torch.cat([b["labels"] for b in data])
     with torch.no_grad():
         residual = torch.softmax(model(x), dim=1) - nn.functional.one_hot(y, 4).float()
@@ -100,20 +115,16 @@ def test_fisher_of_softmax_regression_matches_its_closed_form():
         fisher = squared_gradients(model, data, chunk_size=3, method=method)
         torch.testing.assert_close(fisher["weight"], expected_w, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(fisher["bias"], expected_b, rtol=1e-5, atol=1e-7)
-    totals = fisher_diagonal(model, data, chunk_size=4)
+    totals = fisher_diagonal(task_of(model), data, chunk_size=4)
     assert totals["weight"] == pytest.approx(float(expected_w.sum()), rel=1e-5)
 
 
 def test_per_example_gradients_by_vmap_agree_with_a_loop_on_a_transformer(tiny_bert_dir):
-    from adaptune.models import load_model
-
-    from .conftest import tiny_batches
-
-    task = load_model(f"path:{tiny_bert_dir}", ["a", "b", "c"], seed=0)
+    task = tiny_task(tiny_bert_dir, ["a", "b", "c"])
     model = task.model.eval()
     data = tiny_batches(tiny_bert_dir, count=1, size=5)
     data[0]["attention_mask"][1, 8:] = 0  # a padded example
-    fast = squared_gradients(model, data, chunk_size=2, method="vmap")
+    fast = gradient_moments(task, data, chunk_size=2, method="vmap")[1]
     # The reference: a plain loop over the padded examples, attention mask and all.
     params = dict(model.named_parameters())
     slow = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -157,8 +168,8 @@ def test_dropout_is_off_and_batchnorm_statistics_are_untouched():
     model.train()
     running = model[1].running_mean.clone()
     metrics = ["grad_norm", "fisher", "hessian_trace"]
-    first, _ = score_model(model, ["3.weight", "3.bias"], batches(), metrics, probes=3)
-    second, _ = score_model(model, ["3.weight", "3.bias"], batches(), metrics, probes=3)
+    first, _ = score_model(task_of(model, ["3.weight", "3.bias"]), batches(), metrics, probes=3)
+    second, _ = score_model(task_of(model, ["3.weight", "3.bias"]), batches(), metrics, probes=3)
     pd.testing.assert_frame_equal(
         first.drop(columns="hessian_trace_probes"), second.drop(columns="hessian_trace_probes")
     )
@@ -167,13 +178,13 @@ def test_dropout_is_off_and_batchnorm_statistics_are_untouched():
 
 def test_grad_norm_from_the_shared_per_example_pass_equals_the_batched_one(monkeypatch):
     model, data = mlp(), batches()
-    alone, _ = score_model(model, ["2.weight", "2.bias"], data, ["grad_norm"])
+    alone, _ = score_model(task_of(model, ["2.weight", "2.bias"]), data, ["grad_norm"])
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("grad_norm ran its own pass although fisher's was there to share")
 
     monkeypatch.setattr(importance, "grad_norm", no_second_pass)
-    shared, _ = score_model(model, ["2.weight", "2.bias"], data, ["grad_norm", "fisher"])
+    shared, _ = score_model(task_of(model, ["2.weight", "2.bias"]), data, ["grad_norm", "fisher"])
     np.testing.assert_allclose(shared["grad_norm"], alone["grad_norm"], rtol=1e-5)
 
 
@@ -181,7 +192,11 @@ def test_combined_is_the_weighted_mean_of_ranks_and_layers_sum_their_probes():
     model, data = mlp(), batches()
     metrics = ["weight_l1", "grad_norm", "hessian_trace", "depth", "combined"]
     table, seconds = score_model(
-        model, ["2.weight", "2.bias"], data, metrics, probes=5, combine={"grad_norm": 3, "depth": 1}
+        task_of(model, ["2.weight", "2.bias"]),
+        data,
+        metrics,
+        probes=5,
+        combine={"grad_norm": 3, "depth": 1},
     )
     assert "combined" not in seconds
     expected = (3 * table["grad_norm_rank"] + table["depth_rank"]) / 4

@@ -1,9 +1,15 @@
 import pandas as pd
 import pytest
 
+from adaptune import strategies
 from adaptune.errors import ConfigError, PlanError
-from adaptune.plans import Plan, build_plan
-from adaptune.settings import StrategySettings
+from adaptune.importance import layer_table
+from adaptune.plans import Plan, ScoreTables
+
+
+def build_plan(scores: pd.DataFrame, name: str, spec: dict) -> Plan:
+    """A plan from a score table and its layer table, as score_importance writes them."""
+    return strategies.build_plan(ScoreTables(scores, layer_table(scores)), name, spec)
 
 
 @pytest.fixture
@@ -13,6 +19,8 @@ def scores() -> pd.DataFrame:
             "name": ["emb.weight", "block.weight", "block.bias", "head.weight", "head.bias"],
             "layer": ["input", "block01", "block01", "head", "head"],
             "layer_index": [0, 1, 1, 2, 2],
+            "layer_kind": ["input", "block", "block", "head", "head"],
+            "module": ["", "block", "block", "", ""],
             "numel": [100, 50, 5, 10, 2],
             "is_head": [False, False, False, True, True],
         }
@@ -20,7 +28,7 @@ def scores() -> pd.DataFrame:
 
 
 def test_full_trains_everything(scores):
-    plan = build_plan(scores, "full", StrategySettings(kind="full"))
+    plan = build_plan(scores, "full", {"kind": "full"})
     assert all(not t.frozen and t.lr_multiplier == 1.0 for t in plan.tensors)
     assert plan.totals == {
         "tensors": 5,
@@ -33,7 +41,7 @@ def test_full_trains_everything(scores):
 
 
 def test_head_only_freezes_the_body(scores, tmp_path):
-    plan = build_plan(scores, "probe", StrategySettings(kind="head_only"))
+    plan = build_plan(scores, "probe", {"kind": "head_only"})
     assert [t.name for t in plan.tensors if not t.frozen] == ["head.weight", "head.bias"]
     assert all(t.lr_multiplier == 0.0 for t in plan.tensors if t.frozen)
     assert plan.totals["trainable_fraction"] == pytest.approx(12 / 167)
@@ -47,7 +55,7 @@ def test_head_only_freezes_the_body(scores, tmp_path):
 
 def test_head_only_needs_a_head(scores):
     with pytest.raises(PlanError, match="no tensor as the head"):
-        build_plan(scores.assign(is_head=False), "h", StrategySettings(kind="head_only"))
+        build_plan(scores.assign(is_head=False), "h", {"kind": "head_only"})
 
 
 def test_loading_something_else_is_refused(tmp_path):
@@ -74,7 +82,7 @@ def scored() -> pd.DataFrame:
 
 
 def plan(scores, **spec):
-    return build_plan(scores, "s", StrategySettings.from_config("s", spec))
+    return build_plan(scores, "s", spec)
 
 
 def trained(p):
@@ -197,10 +205,12 @@ def test_missing_metric_and_bad_rules_are_named(scored):
         plan(scored, kind="importance", freeze={"fraction": 0.5, "budget": 0.1})
     with pytest.raises(ConfigError, match="needs a freeze rule, an lr rule, or both"):
         plan(scored, kind="importance")
+    with pytest.raises(ConfigError, match=r"strategies\.s\.freeze\.fraction = 2"):
+        plan(scored, kind="importance", freeze={"fraction": 2})
 
 
 def test_plan_png(scored, tmp_path):
-    from adaptune.plans import plot_plan
+    from adaptune.figures import plot_plan
 
     plot_plan(
         plan(
@@ -252,3 +262,33 @@ def test_lora_plan_freezes_the_body(scored):
     p = plan(scored, kind="lora", r=4)
     assert trained(p) == ["head.w", "head.b"]
     assert p.settings["r"] == 4 and "rank-4 adapters" in p.tensors[0].reason
+    assert p.settings == {"r": 4, "alpha": 16, "dropout": 0.1, "targets": []}
+
+
+def test_combined_layer_plans_rank_layers_as_score_importance_weighted_them(scored):
+    """``importance.combine`` weighs the metrics of ``combined``: a layer plan must follow the
+    weighted ranks that ``layers.parquet`` holds, not an equal-weight recomputation."""
+    from adaptune.importance import COMBINED
+
+    table = scored.assign(
+        grad_norm=[100.0, 1.0, 1.0, 0.1, 0.1, 5.0, 5.0],
+    ).assign(grad_norm_per_element=lambda t: t["grad_norm"] / t["numel"])
+    for metric in ("fisher", "grad_norm"):
+        table[f"{metric}_rank"] = table[f"{metric}_per_element"].rank(pct=True)
+    table[COMBINED] = (table["fisher_rank"] + table["grad_norm_rank"]) / 2
+    table[f"{COMBINED}_per_element"] = table[COMBINED]
+    weighted = layer_table(table, {"fisher": 1.0})
+    equal = layer_table(table)
+    body = weighted["layer_kind"] != "head"
+    assert (
+        weighted[body].sort_values("combined")["layer"].tolist()
+        != equal[body].sort_values("combined")["layer"].tolist()
+    )
+    spec = {"kind": "importance", "metric": COMBINED, "freeze": {"fraction": 0.4}}
+    frozen = {
+        t.layer
+        for t in strategies.build_plan(ScoreTables(table, weighted), "s", spec).tensors
+        if t.frozen
+    }
+    least = weighted[body].sort_values("combined")["layer"].iloc[0]
+    assert frozen == {least}

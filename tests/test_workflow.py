@@ -223,3 +223,34 @@ def test_snakemake_report_has_the_plots_with_captions(workflow):
     html = (workflow.root / "report.html").read_text(errors="replace")
     assert "Quality against cost" in html and "Freeze plan" in html
     assert "Confusion matrix on the test split" in html
+
+
+def test_a_combined_layer_plan_follows_the_weighted_layer_scores(tmp_path, tiny_bert_dir):
+    """With ``importance.combine`` set, make_freeze_plan ranks layers by the weighted combined
+    score that score_importance wrote to layers.parquet (and drew in the heatmap), not by an
+    equal-weight recomputation from the tensor scores."""
+    config = tiny_config(tiny_bert_dir, experiment="combine")
+    config["importance"].update(
+        metrics=["weight_l1", "depth", "combined"], combine={"weight_l1": 1, "depth": 0.01}
+    )
+    config["strategies"] = {
+        "freeze": {"kind": "importance", "metric": "combined", "freeze": {"fraction": 0.5}}
+    }
+    flow = Workflow(tmp_path, config)
+    flow.run("--cores", "2", "--until", "make_freeze_plan")
+    results = flow.results("combine")
+    layers = pd.read_parquet(results / "importance/k4/layers.parquet")
+    body = layers[layers["layer_kind"] != "head"].sort_values("combined_per_element")
+    # Weight norms dominate the weighted ranks: the output layer is the least important, then
+    # the input layer (with equal weights, depth would put the input layer first, alone).
+    assert body["layer"].tolist()[:2] == ["output", "input"]
+    plan = json.loads((results / "plans/k4/freeze.json").read_text())
+    frozen = {t["layer"] for t in plan["tensors"] if t["frozen"]}
+    expected, count = set(), 0
+    target = 0.5 * body["numel"].sum()
+    for row in body.itertuples():
+        if count >= target:
+            break
+        expected.add(row.layer)
+        count += row.numel
+    assert frozen == expected

@@ -1,18 +1,50 @@
-"""Test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+"""Predictions and test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the
+confusion matrix; the ``evaluate`` stage."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
 )
+
+from adaptune import modalities, tracking
+from adaptune.data import batches, read_data_info, read_split
+from adaptune.figures import plot_confusion
+from adaptune.modalities import TaskModel
+from adaptune.runtime import autocast, select_device
+
+
+@torch.no_grad()
+def predict(
+    task: TaskModel,
+    frame: pd.DataFrame,
+    batch_size: int,
+    info: Mapping[str, Any],
+    device: torch.device,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Logits (float32, examples x classes) for a prepared split, in its row order."""
+    model = task.model
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for batch in batches(frame, batch_size, info, modality=task.modality):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            outputs.append(task.logits(batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs).numpy()
 
 
 def classification_metrics(
@@ -56,47 +88,11 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, label_names: Sequence[str]
     )
 
 
-def plot_confusion(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
-    """Row-normalised confusion matrix with the counts written in each cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = matrix.to_numpy()
-    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(4.5, 0.6 * len(matrix) + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(matrix)), matrix.columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(matrix)), matrix.index)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if len(matrix) <= 25:
-        for (row, col), count in np.ndenumerate(counts):
-            ax.text(
-                col,
-                row,
-                str(count),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if rates[row, col] > 0.5 else "black",
-            )
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def evaluate_predictions(
     y_true: np.ndarray, logits: np.ndarray, label_names: Sequence[str]
 ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Test metrics (``test_accuracy``, ``test_macro_f1``, ``test_loss`` and per class), the
     per-class table and the confusion matrix."""
-    import torch
-
     y_pred = logits.argmax(axis=1)
     overall = classification_metrics(y_true, y_pred, len(label_names))
     per_class = per_class_metrics(y_true, y_pred, label_names)
@@ -120,8 +116,6 @@ def save_evaluation(
 ) -> None:
     """Write a run's test results: ``metrics`` (JSON), ``per_class`` and ``confusion`` (CSV)
     and ``confusion_png``."""
-    import json
-
     Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
     per_class.to_csv(outputs["per_class"], index=False)
     matrix.to_csv(outputs["confusion"])
@@ -131,8 +125,6 @@ def save_evaluation(
 def log_evaluation(metrics: dict, outputs: dict[str, str]) -> None:
     """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to the active
     MLflow run."""
-    from adaptune import tracking
-
     tracking.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
     tracking.log_metrics(
         {
@@ -158,19 +150,13 @@ def run_evaluate(
 ) -> dict:
     """The ``evaluate`` stage: test metrics of the fine-tuned model, logged into the same MLflow
     run as its training."""
-    import json
-
-    from adaptune import tracking
-    from adaptune.data import read_data_info, read_split
-    from adaptune.models import load_finetuned
-    from adaptune.training import predict, select_device
-
     info = read_data_info(data_info_path)
     summary = json.loads(Path(summary_path).read_text())
     test = read_split(test_path)
     torch_device = select_device(device)
-    model = load_finetuned(model_dir).to(torch_device)
-    logits = predict(model, test, batch_size, info, torch_device, precision)
+    task = modalities.get(info).load_finetuned(model_dir)
+    task.model.to(torch_device)
+    logits = predict(task, test, batch_size, info, torch_device, precision)
     metrics, per_class, matrix = evaluate_predictions(
         test["label_id"].to_numpy(), logits, info["labels"]
     )

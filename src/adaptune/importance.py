@@ -29,22 +29,24 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import func, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adaptune.errors import ConfigError
+from adaptune import modalities
+from adaptune.data import batches as split_batches
+from adaptune.data import read_data_info, read_split
+from adaptune.figures import plot_heatmap
 from adaptune.layers import Layer, assign_layers, relative_depth
-from adaptune.models import forward
+from adaptune.modalities import Batch, TaskModel
 from adaptune.settings import ImportanceSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
 Scores = dict[str, float]
 
 
@@ -54,6 +56,7 @@ class Calibration:
     split, the model's layers, and the estimators' settings. Per-example gradient moments are
     computed once and shared by ``fisher`` and ``grad_norm`` when both are asked for."""
 
+    task: TaskModel
     batches: Sequence[Batch]
     layers: dict[str, Layer]
     probes: int = 4
@@ -64,9 +67,11 @@ class Calibration:
     share_gradients: bool = False
     _moments: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
-    def moments(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if self._moments is None:
-            self._moments = gradient_moments(model, self.batches, self.chunk_size, self.per_example)
+            self._moments = gradient_moments(
+                self.task, self.batches, self.chunk_size, self.per_example
+            )
         return self._moments
 
 
@@ -83,14 +88,14 @@ class Metric:
     (a property of the layer, such as its depth; per element = value)."""
 
     name: str
-    compute: Callable[[nn.Module, Calibration], MetricOutput]
+    compute: Callable[[Calibration], MetricOutput]
     aggregate: str
 
 
 def _loss(
-    model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] | None = None
+    task: TaskModel, batch: Batch, params: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    return nn.functional.cross_entropy(forward(model, batch, params), batch["labels"])
+    return nn.functional.cross_entropy(task.logits(batch, params), batch["labels"])
 
 
 def _weights(batches: Sequence[Batch]) -> list[float]:
@@ -110,15 +115,15 @@ def weight_l2(model: nn.Module) -> Scores:
     return {n: float(torch.linalg.vector_norm(p.detach())) for n, p in model.named_parameters()}
 
 
-def grad_norm(model: nn.Module, batches: Sequence[Batch]) -> Scores:
+def grad_norm(task: TaskModel, batches: Sequence[Batch]) -> Scores:
     """L2 norm of the gradient of the mean task loss over all calibration examples.
 
     Cost: one forward and backward pass per batch.
     """
-    params = dict(model.named_parameters())
+    params = dict(task.model.named_parameters())
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for batch, weight in zip(batches, _weights(batches), strict=True):
-        grads = torch.autograd.grad(_loss(model, batch), list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(_loss(task, batch), list(params.values()), allow_unused=True)
         for name, grad in zip(params, grads, strict=True):
             if grad is not None:
                 sums[name] += grad.detach().double() * weight
@@ -128,43 +133,11 @@ def grad_norm(model: nn.Module, batches: Sequence[Batch]) -> Scores:
 def _math_attention() -> contextlib.AbstractContextManager:
     """Attention on PyTorch's math kernel: plain differentiable ops, which ``vmap`` batches
     and double backward differentiates on every device (the fused kernels do neither)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _example_chunks(batches: Sequence[Batch], chunk_size: int) -> Iterator[Batch]:
-    """The calibration examples in chunks of at most ``chunk_size``, for per-example gradients.
-
-    Right-padded token batches are regrouped by length with their padding and attention mask
-    removed: each example is computed exactly as it would be alone, no compute is spent on
-    padding, and the model never branches on a mask's values (transformers' attention does,
-    which ``vmap`` refuses).
-    """
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        lengths = mask.sum(1) if mask is not None else None
-        right_padded = mask is not None and torch.equal(
-            mask.bool(), torch.arange(mask.shape[1])[None, :] < lengths[:, None]
-        )
-        if not right_padded:
-            for start in range(0, len(batch["labels"]), chunk_size):
-                yield {k: v[start : start + chunk_size] for k, v in batch.items()}
-            continue
-        width = mask.shape[1]
-        for length in lengths.unique().tolist():
-            chosen = (lengths == length).nonzero().flatten()
-            for start in range(0, len(chosen), chunk_size):
-                rows = chosen[start : start + chunk_size]
-                yield {
-                    k: v[rows, :length] if v.dim() == 2 and v.shape[1] == width else v[rows]
-                    for k, v in batch.items()
-                    if k != "attention_mask"
-                }
-
-
 def gradient_moments(
-    model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8, method: str = "auto"
+    task: TaskModel, batches: Sequence[Batch], chunk_size: int = 8, method: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Mean and mean square, over the calibration examples, of the per-example loss gradient,
     elementwise. The mean is the gradient of the mean loss; the mean square is the diagonal of
@@ -175,23 +148,24 @@ def gradient_moments(
     ``"loop"`` backpropagates one example at a time (any model, one example's gradients held);
     ``"auto"`` uses vmap on accelerators and the loop on the CPU, where it measured faster
     (MiniLM, 2 threads: 2.4 s against 3.6 s for 16 examples), and falls back to the loop where
-    vmap cannot run the model (data-dependent control flow).
+    vmap cannot run the model (data-dependent control flow). The modality cuts the batches
+    into chunks that can be computed per example (text: grouped by length, without padding).
     """
-    from torch.func import grad, vmap
-
+    model = task.model
     params = {n: p.detach() for n, p in model.named_parameters()}
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     squares = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     count = 0
 
     def example_loss(params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
-        return _loss(model, {k: v.unsqueeze(0) for k, v in example.items()}, params)
+        return _loss(task, {k: v.unsqueeze(0) for k, v in example.items()}, params)
 
-    per_example = vmap(grad(example_loss), in_dims=(None, 0))
+    per_example = func.vmap(func.grad(example_loss), in_dims=(None, 0))
     device = next(model.parameters()).device
     use_vmap = method == "vmap" or (method == "auto" and device.type != "cpu")
     with _math_attention():
-        for chunk in _example_chunks(batches, chunk_size):
+        chunks = (c for b in batches for c in task.modality.example_chunks(b, chunk_size))
+        for chunk in chunks:
             grads = None
             if use_vmap:
                 try:
@@ -211,7 +185,7 @@ def gradient_moments(
                 for i in range(len(chunk["labels"])):
                     example = {k: v[i : i + 1] for k, v in chunk.items()}
                     one = torch.autograd.grad(
-                        _loss(model, example), list(model.parameters()), allow_unused=True
+                        _loss(task, example), list(model.parameters()), allow_unused=True
                     )
                     for name, g in zip(params, one, strict=True):
                         if g is not None:
@@ -222,23 +196,16 @@ def gradient_moments(
     return mean, {n: (s / count).float() for n, s in squares.items()}
 
 
-def squared_gradients(
-    model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8, method: str = "auto"
-) -> dict[str, torch.Tensor]:
-    """The diagonal of the empirical Fisher information, elementwise (see
-    :func:`gradient_moments`)."""
-    return gradient_moments(model, batches, chunk_size, method)[1]
-
-
-def fisher_diagonal(model: nn.Module, batches: Sequence[Batch], chunk_size: int = 8) -> Scores:
+def fisher_diagonal(task: TaskModel, batches: Sequence[Batch], chunk_size: int = 8) -> Scores:
     """Diagonal empirical Fisher information summed over each tensor: sum over its elements of
     the mean squared per-example gradient (Kirkpatrick et al. 2017, EWC). Cost: one backward per
     example (see :func:`gradient_moments`)."""
-    return {n: float(f.sum()) for n, f in squared_gradients(model, batches, chunk_size).items()}
+    squares = gradient_moments(task, batches, chunk_size)[1]
+    return {n: float(f.double().sum()) for n, f in squares.items()}
 
 
 def hutchinson_trace(
-    model: nn.Module, batches: Sequence[Batch], probes: int = 8, seed: int = 0
+    task: TaskModel, batches: Sequence[Batch], probes: int = 8, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Hutchinson estimates of the trace of the loss Hessian's diagonal block of each tensor:
     tr(H_tt) = E[v_t . (H v)_t] for Rademacher v (Hutchinson 1989; Yao et al. 2020, PyHessian).
@@ -250,11 +217,11 @@ def hutchinson_trace(
     batch rather than stored. Cost: per batch, one backward with ``create_graph`` plus one double
     backward per probe.
     """
-    names, params = zip(*model.named_parameters(), strict=True)
+    names, params = zip(*task.model.named_parameters(), strict=True)
     estimates = np.zeros((len(params), probes))
     with _math_attention():
         for batch, weight in zip(batches, _weights(batches), strict=True):
-            loss = _loss(model, batch) * weight
+            loss = _loss(task, batch) * weight
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             for probe in range(probes):
@@ -276,15 +243,15 @@ def hutchinson_trace(
     return dict(zip(names, estimates, strict=True))
 
 
-def _grad_norm(model: nn.Module, cal: Calibration) -> Scores:
+def _grad_norm(cal: Calibration) -> Scores:
     if not cal.share_gradients:
-        return grad_norm(model, cal.batches)
-    mean, _ = cal.moments(model)
+        return grad_norm(cal.task, cal.batches)
+    mean, _ = cal.moments()
     return {n: float(torch.linalg.vector_norm(g.double())) for n, g in mean.items()}
 
 
-def _fisher(model: nn.Module, cal: Calibration) -> Scores:
-    _, squares = cal.moments(model)
+def _fisher(cal: Calibration) -> Scores:
+    _, squares = cal.moments()
     return {n: float(f.double().sum()) for n, f in squares.items()}
 
 
@@ -299,18 +266,18 @@ def depth_prior(layers: dict[str, Layer]) -> Scores:
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
-        Metric("weight_l1", lambda model, cal: weight_l1(model), "sum"),
-        Metric("weight_l2", lambda model, cal: weight_l2(model), "l2"),
+        Metric("weight_l1", lambda cal: weight_l1(cal.task.model), "sum"),
+        Metric("weight_l2", lambda cal: weight_l2(cal.task.model), "l2"),
         Metric("grad_norm", _grad_norm, "l2"),
         Metric("fisher", _fisher, "sum"),
         Metric(
             "hessian_trace",
-            lambda model, cal: hutchinson_trace(
-                model, cal.batches[: cal.hessian_batches], cal.probes, cal.seed
+            lambda cal: hutchinson_trace(
+                cal.task, cal.batches[: cal.hessian_batches], cal.probes, cal.seed
             ),
             "sum",
         ),
-        Metric("depth", lambda model, cal: depth_prior(cal.layers), "mean"),
+        Metric("depth", lambda cal: depth_prior(cal.layers), "mean"),
     )
 }
 COMBINED = "combined"
@@ -347,11 +314,6 @@ def combination_weights(metrics: Sequence[str], weights: dict[str, float]) -> di
     """The weights of ``combined``: those configured, else 1 for every other chosen metric."""
     chosen = [m for m in metrics if m != COMBINED]
     if weights:
-        missing = sorted(set(weights) - set(chosen))
-        if missing:
-            raise ConfigError(
-                f"importance.combine weighs {missing}, which importance.metrics does not compute"
-            )
         return {m: float(w) for m, w in weights.items() if w}
     return dict.fromkeys(chosen, 1.0)
 
@@ -374,8 +336,7 @@ def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def score_model(
-    model: nn.Module,
-    head: Sequence[str],
+    task: TaskModel,
     batches: Sequence[Batch],
     metrics: Sequence[str],
     probes: int = 4,
@@ -385,13 +346,15 @@ def score_model(
     seed: int = 0,
     combine: dict[str, float] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Score every parameter tensor of ``model`` with each metric (see the module docstring).
+    """Score every parameter tensor of ``task.model`` with each metric (see the module
+    docstring).
 
     Returns the score table and the seconds each metric took. The model's weights, its
     ``requires_grad`` flags and its train/eval mode are as they were afterwards.
     """
-    layers = assign_layers(model, head)
-    head = set(head)
+    model = task.model
+    layers = assign_layers(model, task.head)
+    head = set(task.head)
     table = pd.DataFrame(
         [
             {
@@ -408,6 +371,7 @@ def score_model(
         ]
     )
     calibration = Calibration(
+        task,
         batches,
         layers,
         probes,
@@ -424,7 +388,7 @@ def score_model(
                 continue
             metric = METRICS[name]
             start = time.perf_counter()
-            output = metric.compute(model, calibration)
+            output = metric.compute(calibration)
             seconds[name] = time.perf_counter() - start
             samples = table["name"].map(output)
             if isinstance(next(iter(output.values())), np.ndarray):
@@ -484,56 +448,14 @@ def metric_agreement(table: pd.DataFrame) -> pd.DataFrame:
     return values.corr(method="spearman")
 
 
-def plot_heatmap(layers: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Metric x layer heatmap of per-element scores relative to each metric's largest layer.
-
-    The colour scale is logarithmic (1 down to 1e-3 and below): the new head's gradient is often
-    orders of magnitude above the body's, and a linear scale would hide the body's ordering.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    metrics = metric_columns(layers)
-    relative = np.vstack(
-        [
-            layers[f"{m}_per_element"].to_numpy() / max(layers[f"{m}_per_element"].max(), 1e-300)
-            for m in metrics
-        ]
-    )
-    floor = 1e-3
-    width = max(6.0, 0.6 * len(layers) + 2.5)
-    fig, ax = plt.subplots(figsize=(width, 0.55 * len(metrics) + 2.2))
-    image = ax.imshow(
-        np.clip(relative, floor, 1), aspect="auto", cmap="viridis", norm=LogNorm(floor, 1)
-    )
-    ax.set_xticks(range(len(layers)), layers["layer"], rotation=45, ha="right")
-    ax.set_yticks(range(len(metrics)), metrics)
-    if len(layers) <= 30:
-        for (row, col), value in np.ndenumerate(relative):
-            text = f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
-            color = "white" if value < 0.1 else "black"
-            ax.text(col, row, text, ha="center", va="center", fontsize=7, color=color)
-    ax.set_xlabel("layer (forward order)")
-    ax.set_title(title or "Per-element importance by layer")
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="relative to the metric's top layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def calibration_batches(
     frame: pd.DataFrame, count: int, batch_size: int, data_info: Mapping[str, Any], seed: int
 ) -> list[Batch]:
     """``count`` batches of ``batch_size`` examples from a (few-shot) training split: a seeded
     permutation of its examples, cycled when the split is smaller than the batches asked for."""
-    from adaptune.data import iterate_batches
-
     order = np.random.default_rng(seed).permutation(len(frame))
     chosen = np.resize(order, count * batch_size)
-    return list(iterate_batches(frame.iloc[chosen], batch_size, data_info))
+    return list(split_batches(frame.iloc[chosen], batch_size, data_info))
 
 
 def run_score_importance(
@@ -548,16 +470,12 @@ def run_score_importance(
 ) -> pd.DataFrame:
     """The ``score_importance`` stage: score the pretrained model (with its new head, initialised
     from ``settings.seed``) on calibration batches of the few-shot training split."""
-    from adaptune.data import read_data_info, read_split
-    from adaptune.models import load_model
-
     info = read_data_info(data_info_path)
     train = read_split(train_path)
-    task = load_model(model, info["labels"], settings.seed)
+    task = modalities.get(info).load_pretrained(model, info["labels"], settings.seed, info)
     batches = calibration_batches(train, settings.batches, settings.batch_size, info, settings.seed)
     table, seconds = score_model(
-        task.model,
-        task.head,
+        task,
         batches,
         settings.metrics,
         probes=settings.hutchinson_probes,
@@ -570,7 +488,12 @@ def run_score_importance(
     table.to_parquet(scores_path, index=False)
     layers = layer_table(table, settings.combine)
     layers.to_parquet(layers_path, index=False)
-    plot_heatmap(layers, heatmap_path, f"{model.name}: per-element importance by layer")
+    plot_heatmap(
+        layers,
+        metric_columns(layers),
+        heatmap_path,
+        f"{model.name}: per-element importance by layer",
+    )
     metric_agreement(table).to_csv(agreement_path, float_format="%.4f")
     log.info("seconds per metric: %s", {k: round(v, 2) for k, v in seconds.items()})
     return table

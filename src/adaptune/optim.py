@@ -9,7 +9,8 @@ loop never looks at names.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,31 +79,38 @@ def param_groups(
     return list(groups.values())
 
 
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """How to make one optimizer (after timm's ``OptimInfo`` registry): its class, and whether
+    it takes ``train.momentum``."""
+
+    cls: type[torch.optim.Optimizer]
+    takes_momentum: bool = False
+
+
+OPTIMIZERS = {
+    "sgd": OptimizerInfo(torch.optim.SGD, takes_momentum=True),
+    "adam": OptimizerInfo(torch.optim.Adam),
+    "adamw": OptimizerInfo(torch.optim.AdamW),
+    "adagrad": OptimizerInfo(torch.optim.Adagrad),
+    "rmsprop": OptimizerInfo(torch.optim.RMSprop, takes_momentum=True),
+}
+
+
 def build_optimizer(
     groups: Sequence[dict[str, Any]], settings: TrainSettings
 ) -> torch.optim.Optimizer:
     """The torch optimizer named by ``train.optimizer`` over the groups, each at
     ``lr x lr_multiplier``."""
+    info = OPTIMIZERS[settings.optimizer]
     groups = [{**g, "lr": settings.lr * g["lr_multiplier"]} for g in groups]
-    name = settings.optimizer
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=settings.lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
-    if name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=settings.lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=settings.lr, momentum=settings.momentum)
-    raise ValueError(f"unknown optimizer {name!r}")
+    options = {"momentum": settings.momentum} if info.takes_momentum else {}
+    return info.cls(groups, lr=settings.lr, **options)
 
 
-def warmup_linear_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to zero. The factor
-    scales every group's own lr, so multipliers hold throughout."""
+def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The lr factor of step ``step``: linear warm-up over ``warmup_ratio`` of the steps, then
+    linear decay to zero. It scales every group's own lr, so multipliers hold throughout."""
     warmup = round(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
@@ -110,78 +118,11 @@ def warmup_linear_schedule(
             return (step + 1) / (warmup + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
-class Dynamics:
-    """What a strategy changes while training, beyond its fixed plan: called by the training
-    loop after each backward pass, before the optimizer step. The base class changes nothing."""
-
-    per_tensor_groups = False
-
-    def before_step(self, first_step_of_epoch: bool) -> None:
-        """Adjust gradients or learning rates for the coming optimizer step."""
-
-
-class AutoRGN(Dynamics):
-    """Auto-RGN (Lee et al. 2023, Surgical Fine-Tuning): each pretrained tensor's lr is
-    proportional to its relative gradient norm ||g|| / ||w||, normalised by the largest,
-    recomputed at the first step of every epoch from that step's gradients (no extra pass).
-
-    Tensors named in ``exempt`` (the new task head) train at the base rate and take no part in
-    the normalisation: the method ranks *pretrained* layers, and a freshly initialised head has
-    small weights and large gradients, so its ratio would dwarf every pretrained one and
-    leave the body with about a thousandth of the base rate (measured on MiniLM: the run did
-    not learn). A tensor with ||w|| = 0 (a bias initialised to zero) has no relative norm; it
-    trains at the base rate too."""
-
-    per_tensor_groups = True
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LambdaLR,
-        base_lr: float,
-        exempt: Collection[str] = (),
-    ) -> None:
-        self.optimizer, self.scheduler, self.base_lr = optimizer, scheduler, base_lr
-        self.exempt = set(exempt)
-
-    def before_step(self, first_step_of_epoch: bool) -> None:
-        if not first_step_of_epoch:
-            return
-        ratios: list[float | None] = []
-        for group in self.optimizer.param_groups:
-            (param,) = group["params"]
-            weight = float(param.detach().norm())
-            grad = 0.0 if param.grad is None else float(param.grad.norm())
-            exempt = weight == 0 or group["names"][0] in self.exempt
-            ratios.append(None if exempt else grad / weight)
-        top = max((r for r in ratios if r is not None), default=0.0) or 1.0
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for i, (group, ratio) in enumerate(zip(self.optimizer.param_groups, ratios, strict=True)):
-            group["lr_multiplier"] = 1.0 if ratio is None else ratio / top
-            self.scheduler.base_lrs[i] = self.base_lr * group["lr_multiplier"]
-            group["lr"] = self.scheduler.base_lrs[i] * factor
-
-
-class ChildTuningD(Dynamics):
-    """ChildTuning-D (Xu et al. 2021): only the ``p`` fraction of trainable weights with the
-    largest Fisher information on the task data train; the gradient of every other weight is
-    masked to zero. The mask is fixed before training; (decoupled) weight decay still applies
-    to all trainable weights."""
-
-    def __init__(self, params: list[torch.Tensor], fisher: list[torch.Tensor], p: float) -> None:
-        flat = torch.cat([f.flatten() for f in fisher])
-        keep = max(1, round(p * flat.numel()))
-        threshold = torch.topk(flat, keep, sorted=False).values.min()
-        self.masks = [
-            (f >= threshold).to(param.dtype) for f, param in zip(fisher, params, strict=True)
-        ]
-        self.params = params
-        self.kept = int(sum(m.sum() for m in self.masks))
-
-    def before_step(self, first_step_of_epoch: bool) -> None:
-        for param, mask in zip(self.params, self.masks, strict=True):
-            if param.grad is not None:
-                param.grad.mul_(mask)
+def warmup_linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`warmup_linear` as a scheduler of ``optimizer``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, warmup_ratio))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from adaptune.figures import percent, plot_leaderboard, plot_tradeoffs
+
 LEADERBOARD_COLUMNS = [
     "strategy",
     "shots",
@@ -23,14 +25,6 @@ LEADERBOARD_COLUMNS = [
     "test_examples",
     "mlflow_run_id",
 ]
-
-
-def percent(fraction: float) -> str:
-    """0.0000847 -> '0.00847%', 1.0 -> '100%': three significant digits at any scale; '–'
-    where it does not apply (a baseline that fine-tunes nothing)."""
-    if fraction is None or pd.isna(fraction):
-        return "–"
-    return f"{100 * fraction:.3g}%"
 
 
 def _epoch(value: float | None) -> str:
@@ -144,101 +138,6 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
             f"{r.train_seconds:.1f} | {_epoch(r.best_epoch)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -> None:
-    """Test macro-F1 (mean ± std over seeds) per strategy, one panel per shot count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shot_values = list(dict.fromkeys(summary["shots"]))
-    fig, axes = plt.subplots(
-        1,
-        len(shot_values),
-        figsize=(4.5 * len(shot_values) + 1, 3.2 + 0.3 * summary["strategy"].nunique()),
-        squeeze=False,
-        sharex=True,
-    )
-    for ax, shots in zip(axes[0], shot_values, strict=True):
-        part = summary[summary["shots"] == shots].sort_values("test_macro_f1_mean")
-        ax.barh(
-            part["strategy"],
-            part["test_macro_f1_mean"],
-            xerr=part["test_macro_f1_std"],
-            color="tab:blue",
-            alpha=0.8,
-            capsize=3,
-        )
-        rows = zip(
-            part["test_macro_f1_mean"],
-            part["test_macro_f1_std"],
-            part["trainable_fraction"],
-            strict=True,
-        )
-        for y, (value, std, fraction) in enumerate(rows):
-            ax.text(
-                min(value + std, 1.0) + 0.02,
-                y,
-                f"{value:.3f} "
-                + ("(no fine-tuning)" if pd.isna(fraction) else f"({percent(fraction)} trained)"),
-                va="center",
-                fontsize=8,
-            )
-        ax.set_xlim(0, 1.35)
-        ax.set_title(f"{shots} shots per class")
-        ax.set_xlabel("test macro-F1 (mean ± std over seeds)")
-    fig.suptitle(experiment)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> None:
-    """Test macro-F1 against the fraction of parameters trained and against training time:
-    one point per run, one colour per strategy, one row of panels per shot count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shot_values = list(dict.fromkeys(board["shots"]))
-    strategies = sorted(board["strategy"].unique())
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(strategies)}
-    fig, axes = plt.subplots(
-        len(shot_values), 2, figsize=(12, 3.6 * len(shot_values)), squeeze=False
-    )
-    for row, shots in enumerate(shot_values):
-        part = board[board["shots"] == shots]
-        for column, (x, label, log) in enumerate(
-            [
-                ("trainable_fraction", "fraction of parameters trained", True),
-                ("train_seconds", "training time (s)", False),
-            ]
-        ):
-            ax = axes[row][column]
-            for strategy, runs in part.groupby("strategy"):
-                ax.scatter(
-                    runs[x],
-                    runs["test_macro_f1"],
-                    color=colors[strategy],
-                    label=strategy,
-                    s=30,
-                    alpha=0.85,
-                )
-            if log:
-                ax.set_xscale("log")
-            ax.set_xlabel(label)
-            ax.set_ylabel("test macro-F1")
-            ax.set_title(f"{shots} shots per class", fontsize=10)
-            ax.grid(alpha=0.3)
-    # Outside the panels, so that it never hides a point.
-    axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-    fig.suptitle(f"{experiment}: quality against cost (one point per run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def run_report(metric_files: list[str], experiment: str, outputs: dict[str, str]) -> pd.DataFrame:

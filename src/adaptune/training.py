@@ -1,15 +1,19 @@
 """Fine-tuning under a freeze plan: cross-entropy, the configured optimizer over the plan's
-parameter groups, warm-up then linear decay, validation after every epoch, best checkpoint kept.
+parameter groups, the strategy's lr schedule (warm-up then linear decay unless its kind says
+otherwise), validation after every epoch, best checkpoint kept; the ``finetune`` stage.
+
+The loop knows no strategy kind by name: what a kind does beyond its plan comes from its
+training hooks (:mod:`adaptune.strategies`), and which tensors train in which epoch is the plan.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,116 +22,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptune.data import iterate_batches
-from adaptune.evaluation import classification_metrics
-from adaptune.models import forward
-from adaptune.optim import (
-    AutoRGN,
-    ChildTuningD,
-    Dynamics,
-    apply_plan,
-    build_optimizer,
-    param_groups,
-    warmup_linear_schedule,
-)
+from adaptune import modalities, strategies, tracking
+from adaptune.data import batches, read_data_info, read_split
+from adaptune.evaluation import classification_metrics, predict
+from adaptune.modalities import TaskModel
+from adaptune.optim import apply_plan, build_optimizer, param_groups
 from adaptune.plans import Plan
-from adaptune.settings import ModelSettings, TrainSettings
-from adaptune.vision import set_frozen_batchnorm_eval
+from adaptune.runtime import autocast, seed_everything, select_device
+from adaptune.settings import ModelSettings, TrainSettings, write_settings
+from adaptune.strategies import Run
 
 log = logging.getLogger(__name__)
 
 
-def select_device(spec: str = "auto") -> torch.device:
-    """``auto`` takes cuda, then mps, then cpu; anything else is passed to torch."""
-    if spec != "auto":
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``auto`` or ``bf16``); full precision elsewhere."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    frame: pd.DataFrame,
-    batch_size: int,
-    data_info: Mapping[str, Any],
-    device: torch.device,
-    precision: str = "auto",
-) -> np.ndarray:
-    """Logits (float32, examples x classes) for a prepared split, in its row order."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for batch in iterate_batches(frame, batch_size, data_info):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, precision):
-            outputs.append(forward(model, batch).float().cpu())
-    model.train(was_training)
-    return torch.cat(outputs).numpy()
-
-
-def task_fisher(
-    model: nn.Module,
-    train: pd.DataFrame,
-    batch_size: int,
-    data_info: Mapping[str, Any],
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """Elementwise empirical Fisher information of the task loss on the training split, for
-    ChildTuning-D's mask (eval mode, like the importance stage)."""
-    from adaptune.importance import gradient_moments, scoring_mode
-
-    batches = [
-        {k: v.to(device) for k, v in b.items()}
-        for b in iterate_batches(train, batch_size, data_info)
-    ]
-    with scoring_mode(model):
-        return gradient_moments(model, batches)[1]
-
-
-def make_dynamics(
-    plan: Plan,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    settings: TrainSettings,
-    fisher: dict[str, torch.Tensor] | None,
-) -> Dynamics:
-    """The plan's training-time behaviour: Auto-RGN, ChildTuning-D, or none."""
-    if plan.kind == "auto_rgn":
-        head = [t.name for t in plan.tensors if t.is_head]
-        return AutoRGN(optimizer, scheduler, settings.lr, exempt=head)
-    if plan.kind == "childtuning_d":
-        assert fisher is not None
-        names = [n for g in optimizer.param_groups for n in g["names"]]
-        params = dict(model.named_parameters())
-        dynamics = ChildTuningD(
-            [params[n] for n in names], [fisher[n] for n in names], plan.settings["p"]
-        )
-        log.info(
-            "ChildTuning-D: %d of %d trainable weights keep their gradient",
-            dynamics.kept,
-            sum(params[n].numel() for n in names),
-        )
-        return dynamics
-    return Dynamics()
+def set_frozen_batchnorm_eval(model: nn.Module) -> None:
+    """Put every BatchNorm layer whose parameters are all frozen into eval mode: it keeps its
+    pretrained running statistics instead of re-estimating them from small few-shot batches."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 @dataclass
@@ -141,49 +56,42 @@ class TrainResult:
 
 
 def finetune(
-    model: nn.Module,
+    task: TaskModel,
     plan: Plan,
     train: pd.DataFrame,
     val: pd.DataFrame,
     settings: TrainSettings,
     seed: int,
-    data_info: Mapping[str, Any],
+    info: Mapping[str, Any],
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place under ``plan``; on return it holds the weights of the epoch with
-    the best validation macro-F1 (ties: the earlier epoch).
+    """Train ``task.model`` in place under ``plan``; on return it holds the weights of the epoch
+    with the best validation macro-F1 (ties: the earlier epoch).
 
     Only trainable tensors are copied for the best checkpoint: frozen ones never change. With
     ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
     stay in eval mode, so their running statistics stay the pretrained ones too.
     """
     seed_everything(seed)
+    model = task.model
     model.to(device)
-    fisher = (
-        task_fisher(model, train, settings.batch_size, data_info, device)
-        if plan.kind == "childtuning_d"
-        else None
-    )
+    hooks = strategies.hooks_for(plan, settings)
+    run = Run(task, plan, train, info, settings, device)
     groups = param_groups(
         model,
         plan,
         settings.weight_decay,
         settings.decay_norm_and_bias,
-        per_tensor=plan.kind == "auto_rgn",
+        per_tensor=hooks.per_tensor_groups,
     )
-    lora = plan.kind == "lora"
-    if lora:
-        from adaptune.adapters import lora_group
-
-        groups.append(lora_group(model, plan, settings.weight_decay))
-        model.to(device)
+    groups += hooks.extra_groups(run)
     optimizer = build_optimizer(groups, settings)
     steps_per_epoch = -(-len(train) // settings.batch_size)
-    scheduler = warmup_linear_schedule(
-        optimizer, steps_per_epoch * settings.epochs, settings.warmup_ratio
-    )
-    dynamics = make_dynamics(plan, model, optimizer, scheduler, settings, fisher)
+    schedule = hooks.schedule(steps_per_epoch * settings.epochs, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    run.optimizer, run.scheduler, run.groups = optimizer, scheduler, groups
+    hooks.start(run)
     trainable = [p for g in groups for p in g["params"]]
     log.info(
         "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s",
@@ -206,28 +114,26 @@ def finetune(
             set_frozen_batchnorm_eval(model)
         start = time.perf_counter()
         losses = []
-        batches = iterate_batches(
-            train, settings.batch_size, data_info, True, generator, settings.augment
+        epoch_batches = batches(
+            train, settings.batch_size, info, True, generator, settings.augment, task.modality
         )
         for step, batch in enumerate(
-            tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
+            tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
         ):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, settings.precision):
-                logits = forward(model, batch)
+                logits = task.logits(batch)
             loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            dynamics.before_step(first_step_of_epoch=step == 0)
+            hooks.before_step(first_step_of_epoch=step == 0)
             if settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
         train_seconds += time.perf_counter() - start
-        val_logits = predict(
-            model, val, settings.eval_batch_size, data_info, device, settings.precision
-        )
+        val_logits = predict(task, val, settings.eval_batch_size, info, device, settings.precision)
         scores = classification_metrics(
             labels, val_logits.argmax(1), num_labels=val_logits.shape[1]
         )
@@ -263,16 +169,10 @@ def finetune(
     log.info(
         "best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(trainable)
     )
-    if lora:
-        from adaptune.adapters import merge_lora
-
-        log.info("LoRA merged into %d modules", merge_lora(model))
-    trained = (
-        dynamics.kept if isinstance(dynamics, ChildTuningD) else sum(p.numel() for p in trainable)
-    )
+    hooks.finish(run)
     return TrainResult(
         history=pd.DataFrame(history),
-        trainable_params=trained,
+        trainable_params=hooks.trained_params(sum(p.numel() for p in trainable)),
         best_epoch=best[1],
         best_val_macro_f1=best[0],
         train_seconds=train_seconds,
@@ -304,18 +204,11 @@ def run_finetune(
     """The ``finetune`` stage: load the pretrained model with a new head (from the run's seed),
     apply the plan, train, and save the best checkpoint, the history, a summary and the MLflow
     run id. ``artifacts`` are extra files logged to the run (the importance table)."""
-    import json
-    from pathlib import Path
-
-    from adaptune import tracking
-    from adaptune.data import read_data_info, read_split
-    from adaptune.models import load_model, save_finetuned
-    from adaptune.settings import write_settings
-
     info = read_data_info(data_info_path)
     plan = Plan.load(plan_path)
     device = select_device(settings.device)
-    task = load_model(model, info["labels"], key.seed)
+    modality = modalities.get(info)
+    task = modality.load_pretrained(model, info["labels"], key.seed, info)
     experiment = tracking.read_experiment(experiment_path)
     run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
     tags = {
@@ -336,15 +229,15 @@ def run_finetune(
                 "seed": key.seed,
                 "device": str(device),
                 "data_source": info["source"],
-                "modality": info.get("modality", "text"),
+                "modality": info["modality"],
                 **({"max_length": info["max_length"]} if "max_length" in info else {}),
                 **({"model_weights": model.weights} if model.weights else {}),
                 **({"input_size": info["transform"]["input_size"]} if "transform" in info else {}),
-                **{k: v for k, v in vars(settings).items() if k not in ("seeds",)},
+                **{k: v for k, v in vars(settings).items() if k != "device"},
             }
         )
         result = finetune(
-            task.model,
+            task,
             plan,
             read_split(train_path),
             read_split(val_path),
@@ -356,7 +249,7 @@ def run_finetune(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
             ),
         )
-        save_finetuned(task, outputs["model"], model.name, info["labels"])
+        modality.save(task, outputs["model"], model, info)
         result.history.to_csv(outputs["history"], index=False)
         summary = {
             "strategy": key.strategy,
@@ -380,7 +273,13 @@ def run_finetune(
                 "trainable_fraction": round(summary["trainable_fraction"], 6),
             }
         )
-        write_settings(outputs["settings"], train=settings, model=model.name, run=vars(key))
+        write_settings(
+            outputs["settings"],
+            run={"strategy": key.strategy, "shots": key.shots, "seed": key.seed},
+            train=settings,
+            model=model,
+            plan={"kind": plan.kind, **plan.settings},
+        )
         tracking.log_metrics(
             {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
         )

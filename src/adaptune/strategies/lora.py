@@ -1,19 +1,29 @@
-"""LoRA adapters (Hu et al. 2022) through PEFT, injected into the model in place so that the
-plan's tensor names and the training loop stay as they are; merged back into the base weights
-after training, so the saved checkpoint is a plain model of the original architecture."""
+"""``lora``: LoRA adapters (Hu et al. 2022) through PEFT, injected into the model in place so that
+the plan's tensor names and the training loop stay as they are: the pretrained body is frozen,
+the head and the adapters train, and after training the adapters are merged back into the base
+weights, so the saved checkpoint is a plain model of the original architecture."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from adaptune.errors import PlanError
-from adaptune.plans import Plan
+from adaptune.strategies.base import Run, StrategyKind, TrainingHooks, head_alone
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    targets: list[str]
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -38,17 +48,15 @@ def attention_projections(model: nn.Module, exclude: Sequence[str] = ()) -> list
 
 
 def add_lora(
-    model: nn.Module, settings: dict[str, Any], head: Sequence[str] = ()
+    model: nn.Module, settings: LoraSettings, head: Sequence[str] = ()
 ) -> dict[str, nn.Parameter]:
     """Inject LoRA adapters of rank ``r`` (scale ``alpha / r``, dropout ``dropout``) into the
     ``targets`` modules, or into every attention projection; returns the new parameters, the
     only ones of the adapted modules that train. Other parameters keep their ``requires_grad``."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as err:
-        raise PlanError("the lora strategy needs PEFT: pip install peft") from err
+    # Imported here: PEFT takes several seconds to import, and only LoRA runs need it.
+    from peft import LoraConfig, inject_adapter_in_model
 
-    targets = settings.get("targets") or attention_projections(model, head)
+    targets = settings.targets or attention_projections(model, head)
     if not targets:
         raise PlanError(
             "lora: the model has no attention projections to adapt; name the modules in "
@@ -59,9 +67,9 @@ def add_lora(
     before = {id(p) for p in model.parameters()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     config = LoraConfig(
-        r=settings["r"],
-        lora_alpha=settings["alpha"],
-        lora_dropout=settings["dropout"],
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
         target_modules=list(targets),
     )
     try:
@@ -75,24 +83,11 @@ def add_lora(
         param.requires_grad_(True)
     log.info(
         "LoRA r=%d on %d modules: %d adapter parameters",
-        settings["r"],
+        settings.r,
         len(targets),
         sum(p.numel() for p in adapters.values()),
     )
     return adapters
-
-
-def lora_group(model: nn.Module, plan: Plan, weight_decay: float) -> dict[str, Any]:
-    """Inject the adapters a ``lora`` plan asks for (``r``, ``alpha``, ``dropout``, ``targets``
-    in its settings) and return their optimizer group, at the base rate."""
-    head = [t.name for t in plan.tensors if not t.frozen]
-    adapters = add_lora(model, plan.settings, head)
-    return {
-        "params": list(adapters.values()),
-        "names": list(adapters),
-        "lr_multiplier": 1.0,
-        "weight_decay": weight_decay,
-    }
 
 
 def merge_lora(model: nn.Module) -> int:
@@ -109,3 +104,33 @@ def merge_lora(model: nn.Module) -> int:
             setattr(parent, child, module.get_base_layer())
             merged += 1
     return merged
+
+
+class LoraHooks(TrainingHooks):
+    def extra_groups(self, run: Run) -> list[dict[str, Any]]:
+        """The adapters, in one group at the base rate."""
+        head = [t.name for t in run.plan.tensors if not t.frozen]
+        adapters = add_lora(run.task.model, self.settings, head)
+        run.task.model.to(run.device)
+        return [
+            {
+                "params": list(adapters.values()),
+                "names": list(adapters),
+                "lr_multiplier": 1.0,
+                "weight_decay": self.train.weight_decay,
+            }
+        ]
+
+    def finish(self, run: Run) -> None:
+        log.info("LoRA merged into %d modules", merge_lora(run.task.model))
+
+
+KIND = StrategyKind(
+    name="lora",
+    build=lambda tables, settings: head_alone(
+        tables, f"lora: frozen; rank-{settings.r} adapters on attention projections train"
+    ),
+    settings=LoraSettings,
+    hooks=LoraHooks,
+    needs_head=True,
+)

@@ -12,27 +12,41 @@ import pytest
 import torch
 from torch import nn
 
-from adaptune.data import iterate_batches, read_split, run_prepare_data
-from adaptune.errors import ConfigError, DataError, ModelError
-from adaptune.models import load_finetuned, load_model, save_finetuned
-from adaptune.plans import Plan, TensorPlan
-from adaptune.settings import DataSettings, ModelSettings, TrainSettings, check_modalities
-from adaptune.training import finetune, predict
-from adaptune.vision import (
-    ImageTransform,
+from adaptune import strategies
+from adaptune.data import batches, read_split, run_prepare_data
+from adaptune.errors import ConfigError, DataError, ModelError, PlanError
+from adaptune.evaluation import predict
+from adaptune.importance import calibration_batches, layer_table, score_model
+from adaptune.modalities.image import MODALITY as IMAGE
+from adaptune.modalities.image.models import (
     build_backbone,
-    encode_images,
-    image_tensor,
-    load_image_csv,
-    load_image_folder,
     load_in_order,
     model_transform,
     read_weights,
     replace_head,
+)
+from adaptune.modalities.image.sources import (
+    encode_images,
+    load_image_csv,
+    load_image_folder,
     to_rgb_uint8,
 )
+from adaptune.modalities.image.transforms import ImageTransform, image_tensor
+from adaptune.plans import Plan, ScoreTables, TensorPlan
+from adaptune.settings import DataSettings, ModelSettings, TrainSettings
+from adaptune.training import finetune
 
 from .conftest import DEVICES
+
+
+def load(model_dir, labels, seed: int = 0):
+    """A saved image model with a new head, as the image modality loads a pretrained one."""
+    return IMAGE.load_pretrained(ModelSettings.from_config(f"path:{model_dir}"), labels, seed, {})
+
+
+def settings(**values) -> TrainSettings:
+    return TrainSettings.from_config(values)
+
 
 SPLITS = ("train", "val", "test")
 
@@ -186,8 +200,8 @@ def digits_prepared(tmp_path_factory, tiny_vision_dir):
     out = tmp_path_factory.mktemp("digits")
     paths = {name: str(out / f"{name}.parquet") for name in SPLITS}
     info = run_prepare_data(
-        DataSettings(source="bundled:digits"),
-        ModelSettings(name=f"path:{tiny_vision_dir}"),
+        DataSettings.from_config({"source": "bundled:digits"}),
+        ModelSettings.from_config(f"path:{tiny_vision_dir}"),
         paths,
         str(out / "data.json"),
     )
@@ -217,19 +231,19 @@ def test_large_images_are_cached_no_larger_than_the_model_uses():
 def test_batches_are_normalised_and_augmentation_is_seeded(digits_prepared):
     info, splits = digits_prepared
     frame = splits["train"].head(6)
-    plain = next(iterate_batches(frame, 6, info))
+    plain = next(batches(frame, 6, info))
     assert plain["pixel_values"].shape == (6, 3, 32, 32)
     assert plain["labels"].tolist() == frame["label_id"].tolist()
     mean = torch.tensor(info["transform"]["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(info["transform"]["std"]).view(1, 3, 1, 1)
     pixels = plain["pixel_values"] * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    assert torch.equal(plain["pixel_values"], next(iterate_batches(frame, 6, info))["pixel_values"])
+    assert torch.equal(plain["pixel_values"], next(batches(frame, 6, info))["pixel_values"])
     augment = ["random_resized_crop", "horizontal_flip"]
 
     def augmented(seed):
         generator = torch.Generator().manual_seed(seed)
-        return next(iterate_batches(frame, 6, info, False, generator, augment))["pixel_values"]
+        return next(batches(frame, 6, info, False, generator, augment))["pixel_values"]
 
     assert torch.equal(augmented(1), augmented(1))
     assert not torch.equal(augmented(1), augmented(2))
@@ -237,22 +251,14 @@ def test_batches_are_normalised_and_augmentation_is_seeded(digits_prepared):
 
 
 def test_text_model_on_images_is_refused_before_anything_runs(tmp_path, tiny_bert_dir):
-    with pytest.raises(DataError, match=r"holds images, but model.name = .* model for text"):
+    with pytest.raises(ConfigError, match=r"holds image examples, but model.name = .* for text"):
         run_prepare_data(
-            DataSettings(source="bundled:digits"),
-            ModelSettings(name=f"path:{tiny_bert_dir}"),
+            DataSettings.from_config({"source": "bundled:digits"}),
+            ModelSettings.from_config(f"path:{tiny_bert_dir}"),
             {name: str(tmp_path / name) for name in SPLITS},
             str(tmp_path / "data.json"),
         )
     assert not list(tmp_path.iterdir())
-    with pytest.raises(ConfigError, match=r"baselines: tfidf_logreg cannot run on image data"):
-        check_modalities(
-            {
-                "data": {"source": "bundled:digits"},
-                "model": {"name": "bundled:efficientnet-lite0"},
-                "baselines": ["tfidf_logreg"],
-            }
-        )
 
 
 def plan(model: nn.Module, head: tuple[str, ...], kind: str = "head_only") -> Plan:
@@ -261,7 +267,9 @@ def plan(model: nn.Module, head: tuple[str, ...], kind: str = "head_only") -> Pl
         kind,
         kind,
         [
-            TensorPlan(n, "l", 0, p.numel(), kind != "full" and n not in head, 1.0, "", n in head)
+            TensorPlan(
+                n, "l", 0, p.numel(), kind != "full" and n not in head, 1.0, "", is_head=n in head
+            )
             for n, p in model.named_parameters()
         ],
     )
@@ -277,13 +285,13 @@ def test_frozen_batchnorm_keeps_its_statistics_unless_told(
     digits_prepared, tiny_vision_dir, mode, device
 ):
     info, splits = digits_prepared
-    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    task = load(tiny_vision_dir, info["labels"])
     before = batchnorm_statistics(task.model)
-    settings = TrainSettings(epochs=1, batch_size=16, lr=1e-2, frozen_batchnorm=mode)
+    train_settings = settings(epochs=1, batch_size=16, lr=1e-2, frozen_batchnorm=mode)
     train = splits["train"].head(32)
     val = splits["val"].head(16)
     device = torch.device(device)
-    finetune(task.model, plan(task.model, task.head), train, val, settings, 0, info, device)
+    finetune(task, plan(task.model, task.head), train, val, train_settings, 0, info, device)
     after = batchnorm_statistics(task.model.cpu())
     unchanged = [torch.equal(before[k], after[k]) for k in before]
     assert len(unchanged) == 2 * 15  # running mean and variance of each of the 15 BatchNorms
@@ -292,26 +300,27 @@ def test_frozen_batchnorm_keeps_its_statistics_unless_told(
 
 def test_a_finetuned_image_model_saves_and_reloads(digits_prepared, tiny_vision_dir, tmp_path):
     info, splits = digits_prepared
-    task = load_model(ModelSettings(name=f"path:{tiny_vision_dir}"), info["labels"], seed=0)
-    assert task.head == ("fc.weight", "fc.bias") and task.transform == info["transform"]
-    settings = TrainSettings(epochs=3, batch_size=16, lr=1e-2, augment=["random_resized_crop"])
+    task = load(tiny_vision_dir, info["labels"])
+    assert task.head == ("fc.weight", "fc.bias")
+    train_settings = settings(epochs=3, batch_size=16, lr=1e-2, augment=["random_resized_crop"])
     result = finetune(
-        task.model,
+        task,
         plan(task.model, task.head, "full"),
         splits["train"].head(160),
         splits["val"],
-        settings,
+        train_settings,
         0,
         info,
         torch.device("cpu"),
     )
     assert result.best_val_macro_f1 > 0.4  # ten classes: chance is 0.1
-    save_finetuned(task, tmp_path, f"path:{tiny_vision_dir}", info["labels"])
+    IMAGE.save(task, tmp_path, ModelSettings.from_config(f"path:{tiny_vision_dir}"), info)
     saved = json.loads((tmp_path / "adaptune_model.json").read_text())
     assert saved["name"] == "timm:test_resnet" and saved["labels"] == info["labels"]
+    assert saved["transform"] == info["transform"]
     val = splits["val"].head(20)
-    logits = predict(task.model, val, 8, info, torch.device("cpu"))
-    reloaded = predict(load_finetuned(tmp_path), val, 8, info, torch.device("cpu"))
+    logits = predict(task, val, 8, info, torch.device("cpu"))
+    reloaded = predict(IMAGE.load_finetuned(tmp_path), val, 8, info, torch.device("cpu"))
     np.testing.assert_allclose(reloaded, logits, atol=1e-5)
 
 
@@ -337,33 +346,27 @@ STRATEGIES = {
 @pytest.fixture(scope="module")
 def cnn_scores(digits_prepared, tiny_vision_dir):
     """Every importance metric of the tiny CNN on real digits."""
-    from adaptune.importance import calibration_batches, score_model
-    from adaptune.settings import IMPORTANCE_METRICS
+    from adaptune.config import metric_names
 
     info, splits = digits_prepared
-    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
-    batches = calibration_batches(splits["train"], 1, 8, info, seed=0)
-    scores, _ = score_model(task.model, task.head, batches, IMPORTANCE_METRICS, probes=2)
-    return scores
+    task = load(tiny_vision_dir, info["labels"])
+    calibration = calibration_batches(splits["train"], 1, 8, info, seed=0)
+    scores, _ = score_model(task, calibration, metric_names(), probes=2)
+    return ScoreTables(scores, layer_table(scores))
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_trains_an_image_model(digits_prepared, tiny_vision_dir, cnn_scores, name):
-    from adaptune.plans import build_plan
-    from adaptune.settings import StrategySettings
-
     info, splits = digits_prepared
-    assert cnn_scores.notna().all().all()
-    strategy = StrategySettings.from_config(name, STRATEGIES[name])
-    plan_ = build_plan(cnn_scores, name, strategy)
-    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
-    settings = TrainSettings(epochs=2, batch_size=8, lr=1e-2)
+    assert cnn_scores.tensors.notna().all().all()
+    plan_ = strategies.build_plan(cnn_scores, name, STRATEGIES[name])
+    task = load(tiny_vision_dir, info["labels"])
     result = finetune(
-        task.model,
+        task,
         plan_,
         splits["train"].head(24),
         splits["val"].head(16),
-        settings,
+        settings(epochs=2, batch_size=8, lr=1e-2),
         0,
         info,
         torch.device("cpu"),
@@ -373,21 +376,17 @@ def test_every_strategy_trains_an_image_model(digits_prepared, tiny_vision_dir, 
 
 
 def test_lora_names_a_module_the_model_lacks(digits_prepared, tiny_vision_dir, cnn_scores):
-    from adaptune.errors import PlanError
-    from adaptune.plans import build_plan
-    from adaptune.settings import StrategySettings
-
     info, splits = digits_prepared
     spec = {"kind": "lora", "targets": ["layer9.conv"]}
-    plan_ = build_plan(cnn_scores, "lora", StrategySettings.from_config("lora", spec))
-    task = load_model(f"path:{tiny_vision_dir}", info["labels"], seed=0)
+    plan_ = strategies.build_plan(cnn_scores, "lora", spec)
+    task = load(tiny_vision_dir, info["labels"])
     with pytest.raises(PlanError, match=r"lora: cannot adapt \['layer9.conv'\]"):
         finetune(
-            task.model,
+            task,
             plan_,
             splits["train"].head(8),
             splits["val"].head(8),
-            TrainSettings(epochs=1),
+            settings(epochs=1),
             0,
             info,
             torch.device("cpu"),

@@ -1,0 +1,118 @@
+"""The experiment config: validated once, against ``schema.yaml``, with its defaults filled in.
+
+``schema.yaml`` (also at ``config/schema.yaml``) is the one place that says each key's type,
+allowed values and default, including each strategy kind's own keys and a strategy's ``train:``
+overrides. The workflow checks the config when it parses the Snakefile
+(:func:`adaptune.experiment.validate_config`, which starts with :func:`check_schema`), so a
+wrong value stops before any job starts, in one line that names the key path
+(``strategies.head_only.train.lr``). The typed settings (:mod:`adaptune.settings`, the strategy
+kinds, the modalities) then check only what a schema cannot say: rules between keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator, Mapping, MutableMapping
+from importlib.resources import files
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema import Draft202012Validator, validators
+from referencing import Registry, Resource
+
+from adaptune.errors import ConfigError
+
+SCHEMA_FILE = "schema.yaml"
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The experiment schema (``config/schema.yaml``), as shipped inside the package."""
+    return yaml.safe_load(files("adaptune").joinpath(SCHEMA_FILE).read_text())
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every importance metric the schema allows, in its order."""
+    return tuple(schema()["$defs"]["metric"]["enum"])
+
+
+def strategy_kinds() -> tuple[str, ...]:
+    """Every strategy kind the schema allows, in its order."""
+    return tuple(schema()["$defs"]["strategy"]["properties"]["kind"]["enum"])
+
+
+def _with_defaults(cls: type[jsonschema.protocols.Validator]) -> type:
+    """A validator that fills in each property's ``default`` where the instance lacks it, as
+    Snakemake's ``validate`` does (the jsonschema FAQ's recipe), so that the package sees the
+    config exactly as the workflow does."""
+    validate_properties = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # type: ignore[no-untyped-def]
+        if isinstance(instance, MutableMapping):
+            for name, subschema in properties.items():
+                if isinstance(subschema, Mapping) and "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(cls, {"properties": set_defaults})
+
+
+_FillingValidator = _with_defaults(Draft202012Validator)
+
+
+def _validator(pointer: str = "") -> jsonschema.protocols.Validator:
+    """A default-filling validator of the part of the schema at ``pointer`` (``""``: all of
+    it; ``"#/properties/train"``: one section), its ``$ref``s resolved in the whole schema."""
+    root = schema()
+    registry = Registry().with_resource("urn:adaptune", Resource.from_contents(root))
+    # The root itself, not a reference to it: jsonschema validates a referenced schema that
+    # names its dialect ($schema) with that dialect's own class, which fills no defaults.
+    part = {"$ref": f"urn:adaptune{pointer}"} if pointer else root
+    return _FillingValidator(part, registry=registry)
+
+
+def _key_path(path: Iterator[Any] | Any) -> str:
+    return ".".join(str(part) for part in path) or "the config"
+
+
+def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    """One line for a schema violation: the key path, what is wrong, and what is allowed."""
+    where = _key_path([*([prefix] if prefix else []), *error.absolute_path])
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        keys = ", ".join(repr(k) for k in unknown)
+        return f"{where}: unknown key {keys}; allowed here: {allowed}"
+    if error.validator == "enum":
+        allowed = ", ".join(map(str, error.validator_value))
+        return f"{where} = {error.instance!r} is not allowed; use one of: {allowed}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        reasons = "; or ".join(sorted({e.message for e in error.context}))
+        return f"{where} = {error.instance!r} is not allowed: {reasons}"
+    return f"{where} = {error.instance!r}: {error.message}"
+
+
+def _check(values: Any, pointer: str, prefix: str) -> None:
+    error = jsonschema.exceptions.best_match(_validator(pointer).iter_errors(values))
+    if error is not None:
+        raise ConfigError(describe(error, prefix))
+
+
+def complete(values: Mapping[str, Any] | None, pointer: str, prefix: str) -> dict[str, Any]:
+    """A copy of one section of the config (``values``, at ``pointer`` in the schema), checked
+    and with its defaults filled in: how the package builds settings outside the workflow.
+    ``prefix`` is the section's key path, for messages."""
+    filled = copy.deepcopy(dict(values or {}))
+    _check(filled, pointer, prefix)
+    return filled
+
+
+def check_schema(config: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Check the whole config against the schema and fill in its defaults, in place, as the
+    workflow's ``validate`` does; a violation raises a :class:`ConfigError` naming the key."""
+    _check(config, "", "")
+    return config

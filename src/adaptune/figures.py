@@ -1,0 +1,223 @@
+"""Every figure adaptune draws, in one place and one style: the importance heatmap, freeze
+plans, confusion matrices, the leaderboard and the quality/cost trade-offs.
+
+Figures are drawn with matplotlib's object API (``Figure``), so no global pyplot state or
+display backend is involved, and saved as PNG at 130 dpi.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from adaptune.plans import Plan
+
+
+def percent(fraction: float) -> str:
+    """0.0000847 -> '0.00847%', 1.0 -> '100%': three significant digits at any scale; '–'
+    where it does not apply (a baseline that fine-tunes nothing)."""
+    if fraction is None or pd.isna(fraction):
+        return "–"
+    return f"{100 * fraction:.3g}%"
+
+
+def plot_heatmap(
+    layers: pd.DataFrame, metrics: Sequence[str], path: str | Path, title: str = ""
+) -> None:
+    """Metric x layer heatmap of per-element scores (``<metric>_per_element`` of each of
+    ``metrics``) relative to each metric's largest layer.
+
+    The colour scale is logarithmic (1 down to 1e-3 and below): the new head's gradient is often
+    orders of magnitude above the body's, and a linear scale would hide the body's ordering.
+    """
+    relative = np.vstack(
+        [
+            layers[f"{m}_per_element"].to_numpy() / max(layers[f"{m}_per_element"].max(), 1e-300)
+            for m in metrics
+        ]
+    )
+    floor = 1e-3
+    width = max(6.0, 0.6 * len(layers) + 2.5)
+    fig = Figure(figsize=(width, 0.55 * len(metrics) + 2.2))
+    ax = fig.subplots()
+    image = ax.imshow(
+        np.clip(relative, floor, 1), aspect="auto", cmap="viridis", norm=LogNorm(floor, 1)
+    )
+    ax.set_xticks(range(len(layers)), layers["layer"], rotation=45, ha="right")
+    ax.set_yticks(range(len(metrics)), metrics)
+    if len(layers) <= 30:
+        for (row, col), value in np.ndenumerate(relative):
+            text = f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
+            color = "white" if value < 0.1 else "black"
+            ax.text(col, row, text, ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("layer (forward order)")
+    ax.set_title(title or "Per-element importance by layer")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="relative to the metric's top layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def plot_plan(plan: Plan, path: str | Path) -> None:
+    """Each tensor's lr multiplier by layer; frozen tensors in grey at zero."""
+    layers = sorted({(t.layer_index, t.layer) for t in plan.tensors})
+    position = {index: i for i, (index, _) in enumerate(layers)}
+    fig = Figure(figsize=(max(6.0, 0.55 * len(layers) + 2), 3.8))
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)
+    for frozen, color, label in ((True, "0.7", "frozen"), (False, "tab:blue", "trains")):
+        chosen = [t for t in plan.tensors if t.frozen == frozen]
+        if chosen:
+            x = [position[t.layer_index] + rng.uniform(-0.25, 0.25) for t in chosen]
+            sizes = [10 + 40 * np.log10(t.numel) / 8 for t in chosen]
+            ax.scatter(
+                x,
+                [t.lr_multiplier for t in chosen],
+                s=sizes,
+                c=color,
+                label=label,
+                alpha=0.8,
+                edgecolors="none",
+            )
+    for i, (index, _) in enumerate(layers):
+        members = [t for t in plan.tensors if t.layer_index == index]
+        share = sum(t.numel for t in members if not t.frozen) / sum(t.numel for t in members)
+        ax.text(
+            i,
+            1.02,
+            f"{share:.0%}",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            fontsize=7,
+            color="0.3",
+        )
+    ax.set_xticks(range(len(layers)), [name for _, name in layers], rotation=45, ha="right")
+    ax.set_ylabel("lr multiplier")
+    ax.set_ylim(bottom=-0.05)
+    ax.set_title(
+        f"{plan.strategy}: {plan.totals['trainable_fraction']:.2%} of parameters train "
+        "(top: share trained per layer)",
+        fontsize=9,
+        pad=18,
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def plot_confusion(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
+    """Row-normalised confusion matrix with the counts written in each cell."""
+    counts = matrix.to_numpy()
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.5, 0.6 * len(matrix) + 2.5)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(matrix)), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(matrix)), matrix.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(matrix) <= 25:
+        for (row, col), count in np.ndenumerate(counts):
+            ax.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[row, col] > 0.5 else "black",
+            )
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -> None:
+    """Test macro-F1 (mean ± std over seeds) per strategy, one panel per shot count."""
+    shot_values = list(dict.fromkeys(summary["shots"]))
+    fig = Figure(figsize=(4.5 * len(shot_values) + 1, 3.2 + 0.3 * summary["strategy"].nunique()))
+    axes = fig.subplots(
+        1,
+        len(shot_values),
+        squeeze=False,
+        sharex=True,
+    )
+    for ax, shots in zip(axes[0], shot_values, strict=True):
+        part = summary[summary["shots"] == shots].sort_values("test_macro_f1_mean")
+        ax.barh(
+            part["strategy"],
+            part["test_macro_f1_mean"],
+            xerr=part["test_macro_f1_std"],
+            color="tab:blue",
+            alpha=0.8,
+            capsize=3,
+        )
+        rows = zip(
+            part["test_macro_f1_mean"],
+            part["test_macro_f1_std"],
+            part["trainable_fraction"],
+            strict=True,
+        )
+        for y, (value, std, fraction) in enumerate(rows):
+            ax.text(
+                min(value + std, 1.0) + 0.02,
+                y,
+                f"{value:.3f} "
+                + ("(no fine-tuning)" if pd.isna(fraction) else f"({percent(fraction)} trained)"),
+                va="center",
+                fontsize=8,
+            )
+        ax.set_xlim(0, 1.35)
+        ax.set_title(f"{shots} shots per class")
+        ax.set_xlabel("test macro-F1 (mean ± std over seeds)")
+    fig.suptitle(experiment)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> None:
+    """Test macro-F1 against the fraction of parameters trained and against training time:
+    one point per run, one colour per strategy, one row of panels per shot count."""
+    shot_values = list(dict.fromkeys(board["shots"]))
+    strategies = sorted(board["strategy"].unique())
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(strategies)}
+    fig = Figure(figsize=(12, 3.6 * len(shot_values)))
+    axes = fig.subplots(len(shot_values), 2, squeeze=False)
+    for row, shots in enumerate(shot_values):
+        part = board[board["shots"] == shots]
+        for column, (x, label, log) in enumerate(
+            [
+                ("trainable_fraction", "fraction of parameters trained", True),
+                ("train_seconds", "training time (s)", False),
+            ]
+        ):
+            ax = axes[row][column]
+            for strategy, runs in part.groupby("strategy"):
+                ax.scatter(
+                    runs[x],
+                    runs["test_macro_f1"],
+                    color=colors[strategy],
+                    label=strategy,
+                    s=30,
+                    alpha=0.85,
+                )
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test macro-F1")
+            ax.set_title(f"{shots} shots per class", fontsize=10)
+            ax.grid(alpha=0.3)
+    # Outside the panels, so that it never hides a point.
+    axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    fig.suptitle(f"{experiment}: quality against cost (one point per run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)

@@ -1,0 +1,64 @@
+"""Modalities: each subpackage (``text``, ``image``) implements :class:`Modality` and exposes it
+as ``MODALITY``. Adding one (audio, tabular) is one new subpackage; nothing else changes.
+
+The modality is chosen once, from the config, by ``prepare_data`` (:func:`choose`), which writes
+its name into ``data.json``; every later stage asks :func:`get` for that name.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import Any
+
+from adaptune.errors import ConfigError
+from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.settings import DataSettings, ModelSettings
+
+__all__ = ["Baseline", "Batch", "Modality", "TaskModel", "all_modalities", "choose", "get"]
+
+
+@functools.cache
+def all_modalities() -> dict[str, Modality]:
+    """Every modality subpackage of this package, by name."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            modality = importlib.import_module(f"{__name__}.{info.name}").MODALITY
+            found[modality.name] = modality
+    return found
+
+
+def get(name: str | Mapping[str, Any]) -> Modality:
+    """The modality called ``name``, or the one a ``data.json`` mapping names."""
+    if isinstance(name, Mapping):
+        name = name["modality"]
+    modalities = all_modalities()
+    if name not in modalities:
+        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(modalities)}")
+    return modalities[name]
+
+
+def choose(data: DataSettings, model: ModelSettings, baselines: list[str] = ()) -> Modality:
+    """The modality of the data; the model and the baselines must be of the same one."""
+    modalities = all_modalities().values()
+    readers = [m for m in modalities if m.reads_source(data)]
+    if not readers:
+        raise ConfigError(f"data.source = {data.source!r}: no modality reads this source")
+    modality = readers[0]
+    if not modality.reads_model(model):
+        others = [m.name for m in modalities if m.reads_model(model)]
+        kind = f"a model for {others[0]}" if others else "not a model adaptune can load"
+        raise ConfigError(
+            f"data.source = {data.source!r} holds {modality.name} examples, but model.name = "
+            f"{model.name!r} is {kind}"
+        )
+    wrong = [b for b in baselines if b not in modality.baselines]
+    if wrong:
+        raise ConfigError(
+            f"baselines: {', '.join(wrong)} cannot run on {modality.name} data; use "
+            f"{', '.join(modality.baselines) or 'none'}"
+        )
+    return modality

@@ -1,0 +1,147 @@
+"""What every modality provides, and the model-with-a-head that the stages pass around.
+
+A modality (text, images, ...) is everything that differs with the kind of input: which sources
+and models it reads, how examples are encoded for the model and batched, how a pretrained model
+gets a new head and how a fine-tuned one is saved and loaded again, and which classical baseline
+applies. The stages and the training loop ask the modality named in ``data.json`` and never
+look at the kind of input themselves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+from torch import nn
+
+from adaptune.settings import DataSettings, ModelSettings
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskModel:
+    """A pretrained model with a classification head for the task's classes.
+
+    ``head`` lists the parameters that are new for the task (not in the pretrained checkpoint);
+    ``modality`` knows how to feed the model a batch.
+    """
+
+    model: nn.Module
+    head: tuple[str, ...]
+    modality: Modality
+
+    def logits(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits for a batch; with ``params``, computed with those tensors (``torch.func``)."""
+        return self.modality.forward(self.model, batch, params)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A classical classifier fitted on the same few-shot split as the fine-tuned models.
+
+    ``features`` turns a prepared split into the estimator's input; ``make(seed)`` returns an
+    unfitted scikit-learn estimator (its last step a linear classifier with ``coef_``);
+    ``describe`` gives what to log about a fitted one.
+    """
+
+    name: str
+    features: Callable[[pd.DataFrame], Any]
+    make: Callable[[int], Any]
+    describe: Callable[[Any], dict[str, Any]] = field(default=lambda fitted: {})
+
+
+class Modality(ABC):
+    """The interface every modality implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    baselines: ClassVar[Mapping[str, Baseline]]
+
+    # --- which config it serves -------------------------------------------------------------
+
+    @abstractmethod
+    def reads_source(self, data: DataSettings) -> bool:
+        """Whether ``data.source`` holds this modality's examples."""
+
+    @abstractmethod
+    def reads_model(self, model: ModelSettings) -> bool:
+        """Whether ``model.name`` is a model for this modality."""
+
+    # --- prepare_data -----------------------------------------------------------------------
+
+    @abstractmethod
+    def load_examples(self, data: DataSettings) -> pd.DataFrame:
+        """The source's examples, checked for this modality: a table with the input column(s)
+        and ``label``, in the source's order."""
+
+    @abstractmethod
+    def fingerprint(self, frame: pd.DataFrame) -> str:
+        """SHA-256 of the examples (inputs and labels, in order): changes whenever they do."""
+
+    @abstractmethod
+    def encode(
+        self, splits: dict[str, pd.DataFrame], data: DataSettings, model: ModelSettings
+    ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+        """The splits in the form batches are made from (token ids; cached pixels), and what
+        ``data.json`` must hold for that (the pad token; the model's input transform)."""
+
+    # --- batches ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def batches(
+        self,
+        frame: pd.DataFrame,
+        batch_size: int,
+        info: Mapping[str, Any],
+        order: Sequence[int],
+        augment: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Batch]:
+        """Batches of a prepared split's rows in ``order``: the model's inputs and
+        ``labels``; ``augment`` (train-time augmentations) drawn from ``generator``."""
+
+    @abstractmethod
+    def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments of the model's forward for a batch."""
+
+    def forward(
+        self, model: nn.Module, batch: Batch, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits for a batch (``labels`` ignored). With ``params``, the model runs on those
+        tensors instead of its own (``torch.func.functional_call``)."""
+        args, kwargs = self.model_inputs(batch)
+        if params is None:
+            output = model(*args, **kwargs)
+        else:
+            output = torch.func.functional_call(model, params, args, kwargs)
+        return output.logits if hasattr(output, "logits") else output
+
+    def example_chunks(self, batch: Batch, chunk_size: int) -> Iterator[Batch]:
+        """A batch's examples in chunks of at most ``chunk_size``, each chunk computable per
+        example (``torch.func.vmap``). The default slices the batch."""
+        for start in range(0, len(batch["labels"]), chunk_size):
+            yield {k: v[start : start + chunk_size] for k, v in batch.items()}
+
+    # --- models -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_pretrained(
+        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
+    ) -> TaskModel:
+        """The pretrained model with a new head for ``labels``, initialised from ``seed``."""
+
+    @abstractmethod
+    def save(
+        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
+    ) -> None:
+        """Save a fine-tuned model so that :meth:`load_finetuned` (and its own library) loads
+        it."""
+
+    @abstractmethod
+    def load_finetuned(self, directory: str | Path) -> TaskModel:
+        """A model saved by :meth:`save`."""

@@ -1,0 +1,176 @@
+"""Images: torchvision and timm models on labelled images.
+
+Sources and the decoded-image cache are in :mod:`.sources`, the model's input transform and
+augmentations in :mod:`.transforms`, models in :mod:`.models`. A prepared split holds ``item``,
+``image`` (raw RGB bytes, no larger than the model's resize size), ``height`` and ``width``;
+``data.json`` holds the model's input transform. The baseline is logistic regression on 16x16
+pixels.
+
+The workflow reads this module when it parses the Snakefile, to tell which sources and models
+are images; the submodules import torchvision (1.2 s on top of torch, measured), so the methods
+that need them import them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.settings import DataSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("imagefolder", "torchvision")
+BUNDLED_SOURCES = ("digits",)
+MODEL_KINDS = ("torchvision", "timm")
+BUNDLED_MODELS = ("efficientnet-lite0",)
+SAVED_MODEL_FILE = "adaptune_model.json"
+PIXEL_SIDE = 16
+
+
+def pixel_features(frame: pd.DataFrame) -> np.ndarray:
+    """Each cached image resized (antialiased) to 16x16 RGB, flattened, in [0, 1]."""
+    from adaptune.modalities.image.transforms import resized_pixels
+
+    return np.stack(
+        [
+            resized_pixels(data, int(height), int(width), PIXEL_SIDE).flatten().numpy() / 255.0
+            for data, height, width in zip(
+                frame["image"], frame["height"], frame["width"], strict=True
+            )
+        ]
+    )
+
+
+def pixel_logreg(seed: int) -> Any:
+    """Standardised pixels + multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, random_state=seed)
+    )
+
+
+class ImageModality(Modality):
+    name = "image"
+    baselines: ClassVar[Mapping[str, Baseline]] = {
+        "pixel_logreg": Baseline(
+            "pixel_logreg",
+            features=pixel_features,
+            make=pixel_logreg,
+            describe=lambda fitted: {"pixels": PIXEL_SIDE * PIXEL_SIDE * 3},
+        )
+    }
+
+    def reads_source(self, data: DataSettings) -> bool:
+        if data.kind == "bundled":
+            return data.location in BUNDLED_SOURCES
+        if data.kind == "csv":
+            return bool(data.image_column)
+        return data.kind in SOURCE_KINDS
+
+    def reads_model(self, model: ModelSettings) -> bool:
+        if model.kind == "bundled":
+            return model.location in BUNDLED_MODELS
+        if model.kind == "path":
+            return (Path(model.location) / SAVED_MODEL_FILE).is_file()
+        return model.kind in MODEL_KINDS
+
+    def load_examples(self, data: DataSettings) -> pd.DataFrame:
+        from adaptune.modalities.image import sources
+
+        return sources.load_images(data)
+
+    def fingerprint(self, frame: pd.DataFrame) -> str:
+        from adaptune.modalities.image import sources
+
+        return sources.image_fingerprint(frame)
+
+    def encode(
+        self, splits: dict[str, pd.DataFrame], data: DataSettings, model: ModelSettings
+    ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+        from adaptune.modalities.image import models, sources
+
+        transform = models.model_transform(model.name, model.weights, image_size=model.image_size)
+        splits = {name: sources.encode_images(part, transform) for name, part in splits.items()}
+        sizes = pd.concat(splits.values())[["height", "width"]]
+        return splits, {
+            "cached_image_sizes": {
+                "min": [int(sizes["height"].min()), int(sizes["width"].min())],
+                "max": [int(sizes["height"].max()), int(sizes["width"].max())],
+            },
+            "transform": transform.to_dict(),
+        }
+
+    def batches(
+        self,
+        frame: pd.DataFrame,
+        batch_size: int,
+        info: Mapping[str, Any],
+        order: Sequence[int],
+        augment: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Batch]:
+        """``{pixel_values, labels}`` in the model's transform, with the train-time ``augment``
+        steps drawn from ``generator``."""
+        from adaptune.modalities.image.transforms import ImageTransform, image_tensor
+
+        transform = ImageTransform.from_dict(info["transform"])
+        images = frame["image"].tolist()
+        heights, widths = frame["height"].to_numpy(), frame["width"].to_numpy()
+        labels = frame["label_id"].to_numpy()
+        for start in range(0, len(order), batch_size):
+            chosen = list(order[start : start + batch_size])
+            pixels = [
+                image_tensor(
+                    images[i], int(heights[i]), int(widths[i]), transform, augment, generator
+                )
+                for i in chosen
+            ]
+            yield {
+                "pixel_values": torch.stack(pixels),
+                "labels": torch.as_tensor(labels[chosen], dtype=torch.long),
+            }
+
+    def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (batch["pixel_values"],), {}
+
+    def load_pretrained(
+        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
+    ) -> TaskModel:
+        from adaptune.modalities.image import models
+
+        network, head, _ = models.load_classifier(model, labels, seed)
+        log.info(
+            "Loaded %s; new classifier for %d classes, initialised from seed %d (expected): %s",
+            model.name,
+            len(labels),
+            seed,
+            ", ".join(head),
+        )
+        return TaskModel(network, head, self)
+
+    def save(
+        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
+    ) -> None:
+        from adaptune.modalities.image import models
+
+        models.save_classifier(task.model, directory, model.name, info["labels"], info["transform"])
+
+    def load_finetuned(self, directory: str | Path) -> TaskModel:
+        from adaptune.modalities.image import models
+
+        network, head = models.load_saved_classifier(directory)
+        return TaskModel(network, head, self)
+
+
+MODALITY = ImageModality()

@@ -1,0 +1,174 @@
+"""Text: Hugging Face transformers on labelled texts.
+
+Sources are read by :mod:`.sources`, models by :mod:`.models`. A prepared split holds ``text``
+and ``input_ids`` (token ids, unpadded, truncated to ``data.max_length``); batches are padded to
+their longest example, so short texts cost little. The baseline is TF-IDF word 1-2 grams with
+logistic regression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.modalities.text import models, sources
+from adaptune.settings import DataSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+def tokenize(frame: pd.DataFrame, tokenizer: Any, max_length: int) -> pd.DataFrame:
+    """Add ``input_ids`` (unpadded, truncated to ``max_length``) from the model's tokenizer."""
+    encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)
+    return frame.assign(input_ids=[np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]])
+
+
+def tfidf_logreg(seed: int) -> Any:
+    """TF-IDF (word 1-2 grams, sublinear term frequency) + multinomial logistic regression."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+        LogisticRegression(C=10.0, max_iter=2000, random_state=seed),
+    )
+
+
+class TextModality(Modality):
+    name = "text"
+    baselines: ClassVar[Mapping[str, Baseline]] = {
+        "tfidf_logreg": Baseline(
+            "tfidf_logreg",
+            features=lambda frame: frame["text"],
+            make=tfidf_logreg,
+            describe=lambda fitted: {"vocabulary": len(fitted[0].vocabulary_)},
+        )
+    }
+
+    def reads_source(self, data: DataSettings) -> bool:
+        if data.kind == "bundled":
+            return data.location in sources.BUNDLED_SOURCES
+        if data.kind == "csv":
+            return not data.image_column
+        return data.kind in sources.SOURCE_KINDS
+
+    def reads_model(self, model: ModelSettings) -> bool:
+        if model.kind == "bundled":
+            return model.location in models.BUNDLED_MODELS
+        if model.kind == "path":
+            return models.is_model_folder(model.location)
+        return model.kind == "hf"
+
+    def load_examples(self, data: DataSettings) -> pd.DataFrame:
+        return sources.load_texts(data)
+
+    def fingerprint(self, frame: pd.DataFrame) -> str:
+        digest = hashlib.sha256()
+        for text, label in zip(frame["text"], frame["label"], strict=True):
+            digest.update(label.encode())
+            digest.update(b"\x1f")
+            digest.update(text.encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()
+
+    def encode(
+        self, splits: dict[str, pd.DataFrame], data: DataSettings, model: ModelSettings
+    ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+        tokenizer = models.load_tokenizer(model.name)
+        splits = {name: tokenize(part, tokenizer, data.max_length) for name, part in splits.items()}
+        lengths = np.array([len(ids) for ids in splits["train"]["input_ids"]])
+        return splits, {
+            "max_length": data.max_length,
+            "truncated_fraction_train": float(np.mean(lengths >= data.max_length)),
+            "pad_token_id": int(tokenizer.pad_token_id or 0),
+        }
+
+    def batches(
+        self,
+        frame: pd.DataFrame,
+        batch_size: int,
+        info: Mapping[str, Any],
+        order: Sequence[int],
+        augment: Sequence[str] = (),
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Batch]:
+        """``{input_ids, attention_mask, labels}``, right-padded to the batch's longest text
+        (``augment`` does not apply to text)."""
+        pad_token_id = int(info["pad_token_id"])
+        ids = frame["input_ids"].tolist()
+        labels = frame["label_id"].to_numpy()
+        for start in range(0, len(order), batch_size):
+            chosen = list(order[start : start + batch_size])
+            longest = max(len(ids[i]) for i in chosen)
+            input_ids = torch.full((len(chosen), longest), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chosen), longest), dtype=torch.long)
+            for row, i in enumerate(chosen):
+                n = len(ids[i])
+                input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
+                attention_mask[row, :n] = 1
+            yield {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "labels": torch.as_tensor(labels[chosen], dtype=torch.long),
+            }
+
+    def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (), {k: v for k, v in batch.items() if k != "labels"}
+
+    def example_chunks(self, batch: Batch, chunk_size: int) -> Iterator[Batch]:
+        """Right-padded examples regrouped by length, their padding and attention mask removed:
+        each is computed exactly as it would be alone, no compute goes to padding, and the model
+        never branches on a mask's values (transformers' attention does, which ``vmap``
+        refuses)."""
+        mask = batch["attention_mask"]
+        lengths = mask.sum(1)
+        right_padded = torch.equal(
+            mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+        )
+        if not right_padded:
+            yield from super().example_chunks(batch, chunk_size)
+            return
+        width = mask.shape[1]
+        for length in lengths.unique().tolist():
+            chosen = (lengths == length).nonzero().flatten()
+            for start in range(0, len(chosen), chunk_size):
+                rows = chosen[start : start + chunk_size]
+                yield {
+                    k: v[rows, :length] if v.dim() == 2 and v.shape[1] == width else v[rows]
+                    for k, v in batch.items()
+                    if k != "attention_mask"
+                }
+
+    def load_pretrained(
+        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
+    ) -> TaskModel:
+        torch.manual_seed(seed)
+        network, head = models.load_classifier(model, labels)
+        log.info(
+            "Loaded %s; new for this task, initialised from seed %d (expected): %s",
+            model.name,
+            seed,
+            ", ".join(head),
+        )
+        return TaskModel(network, head, self)
+
+    def save(
+        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
+    ) -> None:
+        models.save_classifier(task.model, directory)
+
+    def load_finetuned(self, directory: str | Path) -> TaskModel:
+        network = models.load_saved_classifier(directory)
+        return TaskModel(network, models.find_head(network, network.config.num_labels), self)
+
+
+MODALITY = TextModality()
