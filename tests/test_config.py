@@ -112,6 +112,7 @@ def test_a_bad_value_stops_in_one_line_naming_its_key_path(edit, message):
             {"kind": "importance", "lr": {"min": 2.0, "max": 1.0}},
             r"strategies\.s: lr: need min <= max",
         ),
+        ({"kind": "lp_ft", "probe_epochs": 3}, r"strategies\.s: probe_epochs = 3 leaves no"),
         ({"kind": "fastai_fine_tune", "frozen_epochs": 3}, r"strategies\.s: frozen_epochs = 3"),
         ({"kind": "freeze_bottom"}, r"strategies\.s: 'layers' is a required property"),
     ],

@@ -340,6 +340,7 @@ STRATEGIES = {
     "auto_rgn": {"kind": "auto_rgn"},
     "childtuning_d": {"kind": "childtuning_d", "p": 0.3},
     "lora": {"kind": "lora", "r": 4, "targets": ["layer4.0.conv2"]},
+    "lp_ft": {"kind": "lp_ft", "probe_epochs": 1},
 }
 
 

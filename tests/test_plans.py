@@ -265,6 +265,14 @@ def test_lora_plan_freezes_the_body(scored):
     assert p.settings == {"r": 4, "alpha": 16, "dropout": 0.1, "targets": []}
 
 
+def test_lp_ft_probes_the_head_then_thaws_everything(scored):
+    p = plan(scored, kind="lp_ft", probe_epochs=3)
+    start = {t.layer: t.unfreeze_epoch for t in p.tensors}
+    assert start == {"head": 1, "block02": 4, "block01": 4, "input": 4}
+    assert {t.lr_multiplier for t in p.tensors} == {1.0} and not any(t.frozen for t in p.tensors)
+    assert p.settings == {"probe_epochs": 3, "probe_lr": 0.01}
+
+
 def test_combined_layer_plans_rank_layers_as_score_importance_weighted_them(scored):
     """``importance.combine`` weighs the metrics of ``combined``: a layer plan must follow the
     weighted ranks that ``layers.parquet`` holds, not an equal-weight recomputation."""

@@ -1,4 +1,4 @@
-"""Strategy kinds with training hooks (Auto-RGN, ChildTuning-D, LoRA), each trained on the
+"""Strategy kinds with training hooks (Auto-RGN, ChildTuning-D, LoRA, LP-FT), each trained on the
 tiny BERT or checked on a small network; and the registry that holds them."""
 
 import numpy as np
@@ -133,3 +133,39 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_model(task, tmp_path)
     np.testing.assert_allclose(
         predict(reloaded, val, 16, TEXT, torch.device("cpu")), logits, atol=1e-5
     )
+
+
+def test_lp_ft_probes_the_head_at_its_rate_then_fine_tunes_everything(task):
+    """During the probe only the head moves, at probe_lr; then every tensor trains, from the
+    probed head, on the run's warm-up and decay."""
+    model = task.model
+    head = tuple(task.head)
+    body = [n for n, _ in model.named_parameters() if n not in head]
+    plan = Plan(
+        "lp_ft",
+        "lp_ft",
+        [
+            TensorPlan(n, "l", 0, p.numel(), False, 1.0, "", 1 if n in head else 3, n in head)
+            for n, p in model.named_parameters()
+        ],
+        settings={"probe_epochs": 2, "probe_lr": 0.05},
+    )
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[dict[str, float]] = []
+    train = settings(
+        optimizer="sgd", momentum=0.0, lr=1e-3, epochs=3, batch_size=8, warmup_ratio=0.5
+    )
+    after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch(row):
+        seen.append(row)
+        after[row["epoch"]] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    finetune(task, plan, frame(16, 0), frame(9, 1), train, 0, TEXT, torch.device("cpu"), on_epoch)
+    assert all(torch.equal(start[n], after[2][n]) for n in body)
+    assert not torch.equal(start[head[0]], after[2][head[0]])
+    assert all(not torch.equal(after[2][n], after[3][n]) for n in body if "embeddings" not in n)
+    # The base rate times the schedule, as it stands after each epoch: probe_lr while probing;
+    # after the last epoch, the end of the fine-tuning decay.
+    assert seen[0]["lr"] == pytest.approx(0.05)
+    assert seen[2]["lr"] == pytest.approx(0.0)
