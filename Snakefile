@@ -7,6 +7,13 @@
 # its own: its missing keys take the schema's defaults, not config.yaml's values (so its
 # strategies are exactly the ones it lists). --config KEY=VALUE overrides either.
 if not workflow.overwrite_configfiles:
+    # Read by adaptune first, where it is installed, so that a YAML mistake names its line.
+    try:
+        from adaptune.config import read_config_file
+    except ImportError:
+        pass
+    else:
+        read_config_file("config/config.yaml")
 
     configfile: "config/config.yaml"
 

@@ -3,7 +3,7 @@ rule fit_baseline:
         train=DATA / "train_k{shots}.parquet",
         test=DATA / "test.parquet",
         info=DATA / "data.json",
-        experiment=EXP / "mlflow_experiment.json",
+        experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
         metrics=BASELINE_RUN / "metrics.json",
         per_class=BASELINE_RUN / "per_class.csv",

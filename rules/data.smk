@@ -1,4 +1,7 @@
 rule prepare_data:
+    input:
+        source=EXTERNAL.source_files,
+        model=model_inputs,
     output:
         train=DATA / "train.parquet",
         val=DATA / "val.parquet",
@@ -14,6 +17,7 @@ rule prepare_data:
     params:
         data=data_settings(),
         model=config["model"],
+        versions=EXTERNAL.versions,
     script:
         "../scripts/prepare_data.py"
 

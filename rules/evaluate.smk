@@ -5,7 +5,7 @@ rule evaluate:
         info=DATA / "data.json",
         summary=RUN / "train_summary.json",
         run_id=RUN / "mlflow_run_id",
-        experiment=EXP / "mlflow_experiment.json",
+        experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
         metrics=RUN / "metrics.json",
         per_class=RUN / "per_class.csv",

@@ -23,7 +23,10 @@ rule finetune:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
         heatmap=IMPORTANCE / "k{shots}/heatmap.png",
-        experiment=EXP / "mlflow_experiment.json",
+        model_files=model_inputs,
+        # Only that the experiment exists: where runs are tracked is not part of what is
+        # computed, so a new tracking URI retrains nothing.
+        experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
         model=directory(RUN / "model"),
         history=RUN / "history.csv",
@@ -40,5 +43,6 @@ rule finetune:
     params:
         train=train_settings,
         model=config["model"],
+        model_version=EXTERNAL.versions.get("model", ""),
     script:
         "../scripts/finetune.py"

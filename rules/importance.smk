@@ -2,6 +2,7 @@ rule score_importance:
     input:
         train=DATA / "train_k{shots}.parquet",
         info=DATA / "data.json",
+        model=model_inputs,
     output:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
@@ -22,5 +23,6 @@ rule score_importance:
     params:
         importance=config["importance"],
         model=config["model"],
+        model_version=EXTERNAL.versions.get("model", ""),
     script:
         "../scripts/score_importance.py"

@@ -1,6 +1,7 @@
 """Rule create_mlflow_experiment: the MLflow store and experiment, made once before jobs fan out."""
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adaptune.logs import to_log_file
@@ -12,7 +13,10 @@ if TYPE_CHECKING:
 with to_log_file(snakemake.log[0]):
     settings = snakemake.params.mlflow
     experiment = ensure_experiment(
-        settings["tracking_uri"], settings["experiment_name"], snakemake.params.artifact_root
+        settings["tracking_uri"],
+        settings["experiment_name"],
+        snakemake.params.artifact_root,
+        results=Path(snakemake.output.experiment).parent,
     )
     with open(snakemake.output.experiment, "w") as out:
         json.dump(experiment, out, indent=2)

@@ -112,6 +112,7 @@ class Workflow:
 
     def __init__(self, root: Path, config: dict) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         for name in WORKFLOW_FILES:
             source = REPO / name
             if source.is_dir():

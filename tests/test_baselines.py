@@ -19,7 +19,7 @@ def test_tfidf_logreg_on_real_few_shot_news(tmp_path):
     train.to_parquet(tmp_path / "train.parquet")
     splits["test"].to_parquet(tmp_path / "test.parquet")
     (tmp_path / "data.json").write_text(json.dumps({"labels": labels, "modality": "text"}))
-    experiment = ensure_experiment(f"sqlite:///{tmp_path}/m.db", "b", tmp_path / "art")
+    experiment = ensure_experiment(f"sqlite:///{tmp_path}/m.db", "b", tmp_path / "art", tmp_path)
     (tmp_path / "exp.json").write_text(json.dumps(experiment))
     outputs = {k: str(tmp_path / f"{k}.out") for k in ("metrics", "per_class", "confusion")}
     outputs["confusion_png"] = str(tmp_path / "c.png")

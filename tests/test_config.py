@@ -134,7 +134,9 @@ def test_data_model_and_baselines_must_share_a_modality(tiny_bert_dir):
                 baselines=["tfidf_logreg"],
             )
         )
-    assert validate_config(minimal(model={"name": f"path:{tiny_bert_dir}"})).name == "text"
+    experiment = validate_config(minimal(model={"name": f"path:{tiny_bert_dir}"}))
+    assert experiment.modality.name == "text"
+    assert "config.json" in {Path(f).name for f in experiment.model_files}
 
 
 def test_lists_of_kinds_and_metrics_live_in_the_schema():

@@ -114,7 +114,9 @@ def test_prepare_csv_with_other_columns_and_labels(bbc_sample_csv, tiny_bert_dir
     splits, info = prepare(settings, ModelSettings.from_config(f"path:{tiny_bert_dir}"))
     assert info["modality"] == "text" and info["max_length"] == 16
     assert info["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
-    assert sum(sum(c.values()) for c in info["class_counts"].values()) == 120
+    # 120 articles, one of them twice (BBC News repeats 98 of its 2,225 articles): one copy kept.
+    assert info["duplicates"]["duplicate_copies"] == 1
+    assert sum(sum(c.values()) for c in info["class_counts"].values()) == 119
     assert all(len(ids) <= 16 for ids in splits["train"]["input_ids"])
     assert splits["train"]["label_id"].between(0, 4).all()
 

@@ -174,9 +174,15 @@ def digit_files(tmp_path_factory):
     return root
 
 
+def image_csv_settings(root, image_column: str) -> DataSettings:
+    source = f"csv:{root / 'images.csv'}"
+    values = {"source": source, "image_column": image_column, "label_column": "digit"}
+    return DataSettings.from_config(values)
+
+
 def test_image_folder_and_csv_sources_read_the_same_images(digit_files):
     folder = load_image_folder(digit_files / "folder")
-    table = load_image_csv(digit_files / "images.csv", "file", "digit")
+    table = load_image_csv(image_csv_settings(digit_files, "file"))
     assert len(folder) == len(table) == 12
     assert sorted(folder["label"].unique()) == ["digit0", "digit1", "digit2"]
     assert all(image.shape == (8, 8, 3) for image in folder["image"])
@@ -184,7 +190,7 @@ def test_image_folder_and_csv_sources_read_the_same_images(digit_files):
         i.tobytes() for i in table["image"]
     )
     with pytest.raises(DataError, match=r"no column\(s\) \['path'\]"):
-        load_image_csv(digit_files / "images.csv", "path", "digit")
+        load_image_csv(image_csv_settings(digit_files, "path"))
 
 
 def test_a_broken_image_file_is_named(tmp_path):

@@ -57,7 +57,7 @@ def test_leaderboard_has_every_run_with_real_metrics(workflow):
     tuned = board["strategy"] != "tfidf_logreg"
     assert board.loc[tuned, "trainable_fraction"].between(0, 1).all()
     assert board.loc[~tuned, "trainable_fraction"].isna().all()  # the baseline tunes nothing
-    assert (board["test_examples"] == 445).all()  # 20% of the 2,225 articles
+    assert (board["test_examples"] == 426).all()  # 20% of the 2,127 distinct articles
     head_only = board[board["strategy"] == "head_only"]
     assert (head_only["trainable_params"] == 32 * 5 + 5).all()
     assert (board.loc[board["strategy"] == "full", "trainable_fraction"] == 1.0).all()

@@ -46,7 +46,8 @@ def run_baseline(
     classifier = model[-1]
     experiment = tracking.read_experiment(experiment_path)
     tags = {"strategy": name, "shots": shots, "seed": "0", "stage": "baseline"}
-    with tracking.mlflow_run(experiment, run_name=f"{name}-k{shots}", tags=tags) as run:
+    key = f"{name}/k{shots}"
+    with tracking.start_run(experiment, key, f"{name}-k{shots}", tags) as run:
         metrics = {
             "strategy": name,
             "shots": shots,
@@ -56,11 +57,11 @@ def run_baseline(
             "train_seconds": train_seconds,
             "best_epoch": None,
             "best_val_macro_f1": None,
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.run_id,
             **metrics,
         }
-        tracking.log_params({"strategy": name, "shots": shots, **baseline.describe(model)})
+        run.log_params({"strategy": name, "shots": shots, **baseline.describe(model)})
         title = f"{name}, {shots} shots: macro-F1 {metrics['test_macro_f1']:.3f}"
         save_evaluation(metrics, per_class, matrix, title, outputs)
-        log_evaluation(metrics, outputs)
+        log_evaluation(run, metrics, outputs)
     return metrics

@@ -15,6 +15,7 @@ import copy
 import functools
 from collections.abc import Iterator, Mapping, MutableMapping
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -109,6 +110,30 @@ def complete(values: Mapping[str, Any] | None, pointer: str, prefix: str) -> dic
     filled = copy.deepcopy(dict(values or {}))
     _check(filled, pointer, prefix)
     return filled
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping; a YAML mistake is a ConfigError naming the file, the line
+    and the column (Snakemake itself says only that the file is not valid YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err}") from err
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{path}{where}: not valid YAML: {err.problem or err.context}"
+            f"{f' ({err.context})' if err.context and err.problem else ''}"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys (experiment:, data:, ...)")
+    return loaded
 
 
 def check_schema(config: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -32,8 +32,10 @@ SPLITS = ("train", "val", "test")
 
 
 def check_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Refuse data that cannot train a classifier; return it with string labels and a stable
-    ``example_id``."""
+    """Refuse data that cannot train a classifier; return it with text labels (surrounding
+    whitespace removed, which the log reports) and a stable ``example_id`` (its row in the
+    source). Labels that differ only in case are refused: they are almost always one class
+    written two ways, and the model cannot know."""
     if frame.empty:
         raise DataError(f"{source}: no examples")
     missing_label = frame["label"].isna()
@@ -42,7 +44,26 @@ def check_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(
             f"{source}: {int(missing_label.sum())} example(s) have no label (rows {rows})"
         )
-    frame = frame.assign(label=frame["label"].astype(str))
+    written = frame["label"].astype(str)
+    labels = written.str.strip()
+    padded = int((labels != written).sum())
+    if padded:
+        log.warning("%s: %d label(s) had surrounding whitespace, removed", source, padded)
+    if (labels == "").any():
+        rows = frame.index[labels == ""][:5].tolist()
+        raise DataError(
+            f"{source}: {int((labels == '').sum())} example(s) have a blank label (rows {rows})"
+        )
+    spellings: dict[str, list[str]] = {}
+    for label in labels.unique():
+        spellings.setdefault(label.casefold(), []).append(label)
+    clashes = [sorted(group) for group in spellings.values() if len(group) > 1]
+    if clashes:
+        raise DataError(
+            f"{source}: labels {', '.join(' / '.join(map(repr, c)) for c in clashes)} differ only "
+            "in case; write each class one way in the source"
+        )
+    frame = frame.assign(label=labels)
     if frame["label"].nunique() < 2:
         raise DataError(
             f"{source}: only one class ({frame['label'].iloc[0]!r}); a classifier needs two or more"
@@ -50,10 +71,63 @@ def check_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     return frame.reset_index(drop=True).rename_axis("example_id").reset_index()
 
 
+def deduplicate(
+    frame: pd.DataFrame, keys: pd.Series, policy: str, source: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Group examples with the same input (``keys``, one per row): the groups are what the split
+    assigns, so copies never straddle splits. Inputs that carry different labels are reported
+    and, with ``policy`` "drop", removed with every copy (their label is unknown); "drop" keeps
+    one copy of the rest, "keep" every copy. Returns the table with a ``group`` column (the
+    ``example_id`` of the group's first row) and what was found, for data.json."""
+    ids = pd.Series(frame["example_id"].to_numpy(), index=frame.index)
+    frame = frame.assign(group=ids.groupby(keys.to_numpy(), sort=False).transform("first"))
+    labels_per_group = frame.groupby("group")["label"].nunique()
+    conflicting = labels_per_group.index[labels_per_group > 1]
+    copies = frame.duplicated("group")
+    report = {
+        "policy": policy,
+        "duplicate_copies": int(copies.sum()),
+        "conflicting_inputs": len(conflicting),
+        "conflicting_examples": [
+            {
+                "example_ids": part["example_id"].tolist()[:5],
+                "labels": sorted(part["label"].unique()),
+            }
+            for _, part in frame[frame["group"].isin(conflicting)].groupby("group")
+        ][:5],
+    }
+    if report["duplicate_copies"]:
+        action = "removed" if policy == "drop" else "kept, each with its original in one split"
+        log.warning(
+            "%s: %d example(s) repeat an earlier input exactly: %s", source, copies.sum(), action
+        )
+    if len(conflicting):
+        log.warning(
+            "%s: %d input(s) appear with different labels, e.g. %s: %s",
+            source,
+            len(conflicting),
+            report["conflicting_examples"][0],
+            "all their copies removed" if policy == "drop" else "kept",
+        )
+    if policy == "drop":
+        frame = frame[~copies & ~frame["group"].isin(conflicting)]
+    report["examples_kept"] = len(frame)
+    return frame, report
+
+
 def split_examples(
     frame: pd.DataFrame, val_size: float, test_size: float, seed: int
 ) -> dict[str, pd.DataFrame]:
-    """Stratified train/val/test split with a fixed seed; every class appears in every split."""
+    """Stratified train/val/test split with a fixed seed; every class appears in every split.
+    Rows of one ``group`` (copies of one input), when the table has groups, go to one split:
+    the groups' first rows are split, the other rows follow them."""
+    if "group" in frame.columns and frame["group"].duplicated().any():
+        firsts = frame.drop_duplicates("group")
+        parts = split_examples(firsts, val_size, test_size, seed)
+        return {
+            name: frame[frame["group"].isin(part["group"])].sort_values("example_id")
+            for name, part in parts.items()
+        }
     # Imported here: scikit-learn takes 0.8 s to import (measured), and this module is read by
     # every stage while only prepare_data splits.
     from sklearn.model_selection import train_test_split
@@ -120,6 +194,9 @@ def prepare(
     as its modality says. Returns the splits and ``data.json``."""
     modality = modalities.choose(settings, model)
     frame = check_labels(modality.load_examples(settings), settings.source)
+    frame, duplicates = deduplicate(
+        frame, modality.input_key(frame), settings.duplicates, settings.source
+    )
     labels = sorted(frame["label"].unique())
     label_ids = {label: i for i, label in enumerate(labels)}
     frame = frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))
@@ -129,7 +206,9 @@ def prepare(
         "source": settings.source,
         "modality": modality.name,
         "fingerprint": modality.fingerprint(frame),
+        "source_version": modality.source_version(settings),
         "num_examples": len(frame),
+        "duplicates": duplicates,
         "labels": labels,
         "num_labels": len(labels),
         "class_counts": {name: class_counts(part, labels) for name, part in splits.items()},

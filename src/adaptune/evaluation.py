@@ -122,18 +122,18 @@ def save_evaluation(
     plot_confusion(matrix, outputs["confusion_png"], title)
 
 
-def log_evaluation(metrics: dict, outputs: dict[str, str]) -> None:
+def log_evaluation(run: tracking.Run, metrics: dict, outputs: dict[str, str]) -> None:
     """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to the active
     MLflow run."""
-    tracking.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
-    tracking.log_metrics(
+    run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
+    run.log_metrics(
         {
             f"test_f1_{tracking.metric_name(label)}": row["f1"]
             for label, row in metrics["per_class"].items()
         }
     )
     for key in ("metrics", "per_class", "confusion", "confusion_png"):
-        tracking.log_artifact(outputs[key], "evaluation")
+        run.log_artifact(outputs[key], "evaluation")
 
 
 def run_evaluate(
@@ -168,6 +168,5 @@ def run_evaluate(
     save_evaluation(metrics, per_class, matrix, title, outputs)
     experiment = tracking.read_experiment(experiment_path)
     run_id = Path(run_id_path).read_text().strip()
-    with tracking.mlflow_run(experiment, run_id=run_id):
-        log_evaluation(metrics, outputs)
+    log_evaluation(tracking.existing_run(experiment, run_id), metrics, outputs)
     return metrics

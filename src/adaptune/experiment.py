@@ -3,22 +3,42 @@
 :func:`validate_config` checks the config against the schema (filling in its defaults), builds
 every typed setting (which checks the rules between keys), checks each strategy with the
 training settings of its runs, and that the data, the model and the baselines are of one
-modality, so that any mistake stops before a job starts, in one line naming the key.
+modality, so that any mistake stops before a job starts, in one line naming the key. It returns
+what the workflow needs to know about the world outside ``results/``: the local files the data
+and the model are read from (inputs of the stages that read them, so that an edit reruns them)
+and the versions of packaged data and models (params, so that an upgrade does).
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
-from adaptune import config, modalities, strategies
+import torch
+
+from adaptune import config, modalities, strategies, tracking
+from adaptune.errors import ConfigError
 from adaptune.modalities import Modality
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings, TrainSettings
 
 
-def validate_config(experiment: MutableMapping[str, Any]) -> Modality:
-    """Validate ``experiment`` (a whole config, as Snakemake read it) in place and return the
-    modality it will run; raises a ConfigError naming the first problem."""
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment: its modality, the local files its data and model are read from,
+    and the versions of what is not a local file (``{"source": ..., "model": ...}``)."""
+
+    modality: Modality
+    source_files: list[str]
+    model_files: list[str]
+    versions: dict[str, str]
+
+
+def validate_config(experiment: MutableMapping[str, Any], main_process: bool = False) -> Experiment:
+    """Validate ``experiment`` (a whole config, as Snakemake read it) in place; raises a
+    ConfigError naming the first problem. With ``main_process`` (the process that runs the
+    workflow, not a job of it) also check what the config asks of this machine: a CUDA device
+    where ``train.device`` names one, and a tracking store that answers."""
     config.check_schema(experiment)
     data = DataSettings.from_config(experiment["data"])
     model = ModelSettings.from_config(experiment["model"])
@@ -26,4 +46,27 @@ def validate_config(experiment: MutableMapping[str, Any]) -> Modality:
     for name, spec in experiment["strategies"].items():
         train = TrainSettings.from_config(experiment["train"], spec.get("train"), name)
         strategies.check(name, spec, train)
-    return modalities.choose(data, model, experiment["baselines"])
+    modality = modalities.choose(data, model, experiment["baselines"])
+    if main_process:
+        check_device(experiment["train"]["device"])
+        tracking.check_store(experiment["mlflow"]["tracking_uri"])
+    return Experiment(
+        modality,
+        [str(p) for p in modality.source_files(data)],
+        [str(p) for p in modality.model_files(model)],
+        {"source": modality.source_version(data), "model": modality.model_version(model)},
+    )
+
+
+def check_device(device: str) -> None:
+    """``train.device`` must exist on this machine (checked where the jobs run locally)."""
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ConfigError(
+                f"train.device = {device!r}, but this machine has {found} CUDA device(s); use "
+                "auto (a GPU when there is one, else the CPU) or cpu"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device = 'mps', but MPS is not available here; use auto or cpu")

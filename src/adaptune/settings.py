@@ -76,6 +76,9 @@ class DataSettings:
     label_column: str
     image_column: str
     root: str
+    encoding: str
+    revision: str
+    duplicates: str
     val_size: float
     test_size: float
     max_length: int

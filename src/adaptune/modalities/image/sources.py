@@ -11,6 +11,7 @@ caches each image no larger than the model's resize size, as raw bytes with its 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,38 @@ import torch
 import torchvision.transforms.v2.functional as F
 
 from adaptune.errors import DataError
-from adaptune.modalities.image import BUNDLED_SOURCES
+from adaptune.modalities.files import local_file, read_csv
+from adaptune.modalities.image import BUNDLED_SOURCES, IMAGE_EXTENSIONS
 from adaptune.modalities.image.transforms import ImageTransform
 from adaptune.settings import DataSettings
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+log = logging.getLogger(__name__)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixels of any depth as 8 bits: 16-bit images scaled down (not clipped to white), floats
+    in [0, 1] scaled up."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+        return np.rint(np.clip(array / top, 0, 1) * 255).astype(np.uint8)
+    top = array.max(initial=0)
+    if top <= 255:
+        return array.astype(np.uint8)
+    bits = 16 if top <= 65535 else int(np.ceil(np.log2(float(top) + 1)))
+    return (array.astype(np.float64) * (255 / (2**bits - 1))).round().astype(np.uint8)
 
 
 def to_rgb_uint8(image: Any) -> np.ndarray:
-    """An RGB ``uint8`` array (height, width, 3) from a PIL image or an array (grayscale and
-    RGBA converted)."""
+    """An RGB ``uint8`` array (height, width, 3) from a PIL image or an array: grayscale,
+    palette, RGBA, CMYK and 16-bit or float images converted."""
     if hasattr(image, "convert"):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    array = np.asarray(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            image = np.asarray(image)  # high bit depth: scaled below, as PIL would clip
+        else:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = _to_uint8(np.asarray(image))
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
@@ -67,26 +87,45 @@ def open_image(path: Path) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {err}") from err
 
 
+def image_folder_files(root: Path) -> list[tuple[str, Path]]:
+    """(class, file) of every image in ``ROOT/<class>/...`` (torchvision's ImageFolder
+    layout); a class folder without images is skipped, with a warning."""
+    if not root.is_dir():
+        raise DataError(f"data.source imagefolder: {root.resolve()} is not a folder")
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = [
+            p
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not images:
+            log.warning("%s: no images in class folder %r; the class is skipped", root, folder.name)
+        found += [(folder.name, path) for path in images]
+    if not found:
+        raise DataError(f"{root}: no images in class subfolders (ImageFolder layout)")
+    return found
+
+
 def load_image_folder(root: str | Path) -> pd.DataFrame:
     """``ROOT/<class>/<image>`` (torchvision's ImageFolder layout)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data.source imagefolder: {root.resolve()} is not a folder")
-    rows = [
-        {"item": str(path.relative_to(root)), "path": path, "label": folder.name}
-        for folder in sorted(p for p in root.iterdir() if p.is_dir())
-        for path in sorted(folder.rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-    ]
-    if not rows:
-        raise DataError(f"{root}: no images in class subfolders (ImageFolder layout)")
-    frame = pd.DataFrame(rows)
-    return frame.assign(image=[open_image(p) for p in frame.pop("path")])
+    files = image_folder_files(root)
+    return pd.DataFrame(
+        {
+            "item": [str(path.relative_to(root)) for _, path in files],
+            "image": [open_image(path) for _, path in files],
+            "label": [label for label, _ in files],
+        }
+    )
 
 
-def load_image_csv(path: Path, image_column: str, label_column: str) -> pd.DataFrame:
-    """A CSV with an image-path column (relative paths are relative to the CSV's folder)."""
-    frame = pd.read_csv(path)
+def image_csv(settings: DataSettings) -> pd.DataFrame:
+    """The rows of a CSV of image paths: ``item`` (the path as written), ``file`` (relative to
+    the CSV's folder) and ``label``; a missing image file is an error."""
+    path = local_file(settings)
+    image_column, label_column = settings.image_column, settings.label_column
+    frame = read_csv(path, settings.encoding, [image_column, label_column])
     missing = [c for c in (image_column, label_column) if c not in frame.columns]
     if missing:
         raise DataError(
@@ -97,13 +136,13 @@ def load_image_csv(path: Path, image_column: str, label_column: str) -> pd.DataF
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
         raise DataError(f"csv:{path}: {len(absent)} image file(s) missing, e.g. {absent[:3]}")
-    return pd.DataFrame(
-        {
-            "item": frame[image_column].astype(str),
-            "image": [open_image(f) for f in files],
-            "label": frame[label_column],
-        }
-    )
+    return pd.DataFrame({"item": frame[image_column], "file": files, "label": frame[label_column]})
+
+
+def load_image_csv(settings: DataSettings) -> pd.DataFrame:
+    """A CSV with an image-path column (relative paths are relative to the CSV's folder)."""
+    table = image_csv(settings)
+    return table.assign(image=[open_image(f) for f in table.pop("file")])
 
 
 def _torchvision_parts(cls: Any, root: str) -> list[tuple[str, Any]]:
@@ -162,10 +201,7 @@ def load_images(settings: DataSettings) -> pd.DataFrame:
     if kind == "torchvision":
         return load_torchvision_dataset(location, settings.root)
     if kind == "csv":
-        path = Path(location)
-        if not path.is_file():
-            raise DataError(f"data.source = {settings.source!r}: no file at {path.resolve()}")
-        return load_image_csv(path, settings.image_column, settings.label_column)
+        return load_image_csv(settings)
     raise DataError(f"data.source = {settings.source!r} is not an image source")
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel, installed_version
+from adaptune.modalities.files import local_file
 from adaptune.modalities.text import models, sources
 from adaptune.settings import DataSettings, ModelSettings
 
@@ -45,6 +46,7 @@ def tfidf_logreg(seed: int) -> Any:
 
 class TextModality(Modality):
     name = "text"
+    local_models = "a Hugging Face model folder (config.json)"
     baselines: ClassVar[Mapping[str, Baseline]] = {
         "tfidf_logreg": Baseline(
             "tfidf_logreg",
@@ -68,8 +70,26 @@ class TextModality(Modality):
             return models.is_model_folder(model.location)
         return model.kind == "hf"
 
+    def source_files(self, data: DataSettings) -> list[Path]:
+        if data.kind in ("csv", "parquet"):
+            return [local_file(data)]
+        return []
+
+    def source_version(self, data: DataSettings) -> str:
+        if data.kind == "hf":
+            return f"revision {data.revision or 'default branch'}"
+        return installed_version(sources.BUNDLED_PACKAGE) if data.kind == "bundled" else ""
+
+    def model_version(self, model: ModelSettings) -> str:
+        if model.kind == "bundled":
+            return installed_version(models.BUNDLED_MODELS[model.location][0].replace("_", "-"))
+        return ""
+
     def load_examples(self, data: DataSettings) -> pd.DataFrame:
         return sources.load_texts(data)
+
+    def input_key(self, frame: pd.DataFrame) -> pd.Series:
+        return frame["text"]
 
     def fingerprint(self, frame: pd.DataFrame) -> str:
         digest = hashlib.sha256()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,26 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def cannot_load(name: str, source: str, err: Exception, what: str = "model") -> ModelError:
+    """A ModelError that says why ``from_pretrained`` failed, in the user's terms."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if name.startswith("hf:"):
+        return ModelError(
+            f"model.name = {name!r}: cannot load the {what} of {source!r} from the Hugging Face "
+            "Hub: either the Hub is unreachable from here (no network, or HF_HUB_OFFLINE=1) and it "
+            f"is not in the local cache, or no model has that id ({detail})"
+        )
+    return ModelError(f"model.name = {name!r}: cannot load the {what} from {source}: {detail}")
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    source = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise cannot_load(name, source, err, "tokenizer") from err
 
 
 def find_head(model: nn.Module, num_labels: int) -> tuple[str, ...]:
@@ -113,10 +130,8 @@ def load_classifier(
             label2id={label: i for i, label in enumerate(labels)},
             output_loading_info=True,
         )
-    except (OSError, ValueError) as err:
-        raise ModelError(
-            f"model.name = {settings.name!r}: cannot load from {source}: {err}"
-        ) from err
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise cannot_load(settings.name, source, err) from err
     names = {n for n, _ in model.named_parameters()}
     new = {k for k in info.get("missing_keys", ()) if k in names}
     new |= {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())} & names

