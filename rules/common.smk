@@ -8,23 +8,19 @@ min_version("9.0")
 # The config is checked once, here, before any job starts: against config/schema.yaml (which
 # fills in its defaults), then the rules between keys and that the data, the model and the
 # baselines are of one modality, each problem in one line naming the key; the process that runs
-# the workflow also checks the device and the tracking store. EXTERNAL lists the local files the
-# data and the model are read from (inputs, so that an edit reruns what reads them) and the
-# versions of packaged ones (params). Where snakemake runs without adaptune beside it (rules'
-# environments built by --sdm conda), Snakemake checks the schema alone, the stages check the
-# rest, and only a csv or parquet source file is tracked.
+# the workflow also checks the device and the tracking store. EXTERNAL holds the content
+# fingerprints of the data source and the pretrained model (their files' bytes, the versions of
+# packaged ones): params of the stages that read them, so that changed content reruns them and
+# a file only touched or copied does not. Where snakemake runs without adaptune beside it
+# (rules' environments built by --sdm conda), Snakemake checks the schema alone, the stages
+# check the rest, and edits to local data are not noticed.
 try:
     from adaptune.experiment import validate_config
 except ImportError:
     from types import SimpleNamespace
 
     validate(config, schema="../config/schema.yaml")
-    _kind, _, _location = config["data"]["source"].partition(":")
-    EXTERNAL = SimpleNamespace(
-        source_files=[_location] if _kind in ("csv", "parquet") else [],
-        model_files=[],
-        versions={},
-    )
+    EXTERNAL = SimpleNamespace(source_fingerprint="", model_fingerprint="")
 else:
     EXTERNAL = validate_config(
         config, main_process=workflow.is_main_process and workflow.local_exec
@@ -83,11 +79,6 @@ def inference_settings(wildcards):
     """What evaluate depends on: where and how the test split is run."""
     train = train_settings(wildcards)
     return {key: train[key] for key in ("device", "precision", "eval_batch_size")}
-
-
-def model_inputs(wildcards=None):
-    """The pretrained model's local files: a path: folder, a weights file."""
-    return EXTERNAL.model_files
 
 
 def mlflow_settings(wildcards=None):

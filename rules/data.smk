@@ -1,7 +1,4 @@
 rule prepare_data:
-    input:
-        source=EXTERNAL.source_files,
-        model=model_inputs,
     output:
         train=DATA / "train.parquet",
         val=DATA / "val.parquet",
@@ -17,7 +14,8 @@ rule prepare_data:
     params:
         data=data_settings(),
         model=config["model"],
-        versions=EXTERNAL.versions,
+        source_content=EXTERNAL.source_fingerprint,
+        model_content=EXTERNAL.model_fingerprint,
     script:
         "../scripts/prepare_data.py"
 

@@ -23,7 +23,6 @@ rule finetune:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
         heatmap=IMPORTANCE / "k{shots}/heatmap.png",
-        model_files=model_inputs,
         # Only that the experiment exists: where runs are tracked is not part of what is
         # computed, so a new tracking URI retrains nothing.
         experiment=ancient(EXP / "mlflow_experiment.json"),
@@ -43,6 +42,6 @@ rule finetune:
     params:
         train=train_settings,
         model=config["model"],
-        model_version=EXTERNAL.versions.get("model", ""),
+        model_content=EXTERNAL.model_fingerprint,
     script:
         "../scripts/finetune.py"

@@ -2,7 +2,6 @@ rule score_importance:
     input:
         train=DATA / "train_k{shots}.parquet",
         info=DATA / "data.json",
-        model=model_inputs,
     output:
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",
@@ -23,6 +22,6 @@ rule score_importance:
     params:
         importance=config["importance"],
         model=config["model"],
-        model_version=EXTERNAL.versions.get("model", ""),
+        model_content=EXTERNAL.model_fingerprint,
     script:
         "../scripts/score_importance.py"

@@ -9,6 +9,7 @@ import yaml
 from adaptune import config, strategies
 from adaptune.errors import ConfigError
 from adaptune.experiment import validate_config
+from adaptune.modalities.files import content_fingerprint
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings, TrainSettings
 
 REPO_CONFIG = Path(__file__).parents[1] / "config"
@@ -136,7 +137,7 @@ def test_data_model_and_baselines_must_share_a_modality(tiny_bert_dir):
         )
     experiment = validate_config(minimal(model={"name": f"path:{tiny_bert_dir}"}))
     assert experiment.modality.name == "text"
-    assert "config.json" in {Path(f).name for f in experiment.model_files}
+    assert experiment.model_fingerprint == content_fingerprint(sorted(tiny_bert_dir.iterdir()))
 
 
 def test_lists_of_kinds_and_metrics_live_in_the_schema():

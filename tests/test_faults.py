@@ -25,6 +25,7 @@ from adaptune.config import read_config_file
 from adaptune.data import SPLITS, run_prepare_data
 from adaptune.errors import ConfigError, DataError, ModelError
 from adaptune.experiment import validate_config
+from adaptune.modalities.files import content_fingerprint
 from adaptune.modalities.image.sources import load_image_folder, to_rgb_uint8
 from adaptune.settings import DataSettings, ModelSettings
 
@@ -369,12 +370,15 @@ def test_an_edited_source_file_reruns_the_data_stage_and_what_follows(tmp_path, 
     flow = Workflow(tmp_path / "flow", csv_config(tiny_bert_dir, source))
     flow.run("--cores", "2")
     assert flow.dry_run_jobs() == {}
+    csv_file(source, news_rows(20))  # written again, byte for byte: nothing to redo
+    assert flow.dry_run_jobs() == {}
     csv_file(source, [r for r in news_rows(15) if r["label"] != "tech"])  # 30 rows, 2 classes
     jobs = flow.dry_run_jobs()
     assert jobs["prepare_data"] == 1 and jobs["finetune"] == 1 and jobs["report"] == 1
     flow.run("--cores", "2")
     info = json.loads((flow.results("faults") / "data/data.json").read_text())
     assert info["labels"] == ["business", "sport"] and info["num_examples"] == 30
+    assert info["source_fingerprint"] == content_fingerprint([source])
     board = pd.read_csv(flow.results("faults") / "report/leaderboard.csv")
     assert (board["test_examples"] == 6).all()  # 20% of the 30 new rows
 

@@ -24,6 +24,7 @@ import torch
 from adaptune import modalities
 from adaptune.errors import DataError
 from adaptune.modalities import Batch, Modality
+from adaptune.modalities.files import content_fingerprint
 from adaptune.settings import DataSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,9 @@ def prepare(
         "source": settings.source,
         "modality": modality.name,
         "fingerprint": modality.fingerprint(frame),
+        "source_fingerprint": content_fingerprint(
+            modality.source_files(settings), modality.source_version(settings)
+        ),
         "source_version": modality.source_version(settings),
         "num_examples": len(frame),
         "duplicates": duplicates,

@@ -4,9 +4,10 @@
 every typed setting (which checks the rules between keys), checks each strategy with the
 training settings of its runs, and that the data, the model and the baselines are of one
 modality, so that any mistake stops before a job starts, in one line naming the key. It returns
-what the workflow needs to know about the world outside ``results/``: the local files the data
-and the model are read from (inputs of the stages that read them, so that an edit reruns them)
-and the versions of packaged data and models (params, so that an upgrade does).
+what the workflow needs to know about the world outside ``results/``: fingerprints of the data
+and of the model (the bytes and names of their local files, the versions of packaged ones),
+params of the stages that read them, so that a change of content reruns them and a file that is
+only touched or copied does not.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ import torch
 from adaptune import config, modalities, strategies, tracking
 from adaptune.errors import ConfigError
 from adaptune.modalities import Modality
+from adaptune.modalities.files import content_fingerprint
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings, TrainSettings
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """A validated experiment: its modality, the local files its data and model are read from,
-    and the versions of what is not a local file (``{"source": ..., "model": ...}``)."""
+    """A validated experiment: its modality and the content fingerprints of its data source
+    and its pretrained model (:func:`adaptune.modalities.files.content_fingerprint`)."""
 
     modality: Modality
-    source_files: list[str]
-    model_files: list[str]
-    versions: dict[str, str]
+    source_fingerprint: str
+    model_fingerprint: str
 
 
 def validate_config(experiment: MutableMapping[str, Any], main_process: bool = False) -> Experiment:
@@ -52,9 +53,8 @@ def validate_config(experiment: MutableMapping[str, Any], main_process: bool = F
         tracking.check_store(experiment["mlflow"]["tracking_uri"])
     return Experiment(
         modality,
-        [str(p) for p in modality.source_files(data)],
-        [str(p) for p in modality.model_files(model)],
-        {"source": modality.source_version(data), "model": modality.model_version(model)},
+        content_fingerprint(modality.source_files(data), modality.source_version(data)),
+        content_fingerprint(modality.model_files(model), modality.model_version(model)),
     )
 
 

@@ -1,9 +1,15 @@
 """Local files that sources and models are read from, for every modality: the file a ``csv:`` or
-``parquet:`` source names, CSV tables in the configured encoding, and the files of a folder.
+``parquet:`` source names, CSV tables in the configured encoding, the files of a folder, and the
+content fingerprint that decides when what reads them reruns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -51,3 +57,47 @@ def files_under(folder: str | Path) -> list[Path]:
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def digest_cache() -> Path:
+    """Where file digests are remembered between runs (by path, size and modification time)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "adaptune" / "file-digests.json"
+
+
+def file_digests(files: Sequence[Path]) -> list[str]:
+    """SHA-256 of each file's bytes; a file whose size and modification time are as when it was
+    last hashed is not read again."""
+    cache_path = digest_cache()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digests, changed = [], False
+    for path in files:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            digest = hashlib.sha256()
+            with path.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+            cache[key], changed = digest.hexdigest(), True
+        digests.append(cache[key])
+    if changed:
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(cache))
+            partial.replace(cache_path)
+    return digests
+
+
+def content_fingerprint(files: Sequence[Path], version: str = "") -> str:
+    """What identifies the content of a source or a model: SHA-256 over each file's name and
+    bytes, and the version of what is not a file. It changes exactly when a byte, a file name
+    or the version does (not when a file is only touched or copied)."""
+    digest = hashlib.sha256(version.encode())
+    for path, file_digest in zip(files, file_digests(files), strict=True):
+        digest.update(f"\x1e{path}\x1f{file_digest}".encode())
+    return digest.hexdigest()
