@@ -52,7 +52,7 @@ def main() -> None:
     )
     options = {
         "probes": importance.hutchinson_probes,
-        "hessian_batches": importance.hessian_batches,
+        "hessian_examples": importance.hessian_examples,
         "chunk_size": importance.chunk_size,
         "per_example": importance.per_example,
         "seed": importance.seed,
@@ -86,7 +86,7 @@ def main() -> None:
     print(
         f"calibration: {importance.batches} batches x {importance.batch_size} = {examples} "
         f"examples; Hutchinson: {importance.hutchinson_probes} probes on "
-        f"{importance.hessian_batches} batch(es); per-example gradients: {importance.per_example}"
+        f"{importance.hessian_examples} examples; per-example gradients: {importance.per_example}"
     )
     print(
         f"one epoch of full fine-tuning: {epoch_seconds:.1f} s of training "

@@ -47,6 +47,7 @@ SEEDS = config["train"]["seeds"]
 
 
 wildcard_constraints:
+    split="train|val",
     shots=r"[0-9]+|all",
     seed=r"[0-9]+",
     strategy=r"[A-Za-z0-9][A-Za-z0-9_-]*",
@@ -58,8 +59,20 @@ wildcard_constraints:
 
 
 def data_settings(wildcards=None):
-    """data: without shots (each shot count is its own sample_few_shot job)."""
-    return {key: value for key, value in config["data"].items() if key != "shots"}
+    """data: without the sample sizes (each shot count is its own sample_few_shot job)."""
+    return {
+        key: value
+        for key, value in config["data"].items()
+        if key not in ("shots", "val_shots")
+    }
+
+
+def examples_per_class(wildcards):
+    """Examples per class in the {split}_k{shots} sample: the shot count for the training split,
+    data.val_shots for the validation split ("same": the shot count)."""
+    if wildcards.split == "train" or config["data"]["val_shots"] == "same":
+        return wildcards.shots
+    return str(config["data"]["val_shots"])
 
 
 def plan_settings(wildcards):

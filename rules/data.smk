@@ -22,16 +22,17 @@ rule prepare_data:
 
 rule sample_few_shot:
     input:
-        train=DATA / "train.parquet",
+        split=DATA / "{split}.parquet",
     output:
-        train=DATA / "train_k{shots}.parquet",
+        sample=DATA / "{split}_k{shots}.parquet",
     log:
-        LOGS / "sample_few_shot/k{shots}.log",
+        LOGS / "sample_few_shot/{split}_k{shots}.log",
     benchmark:
-        BENCH / "sample_few_shot/k{shots}.tsv"
+        BENCH / "sample_few_shot/{split}_k{shots}.tsv"
     conda:
         ENV
     params:
         seed=config["data"]["seed"],
+        per_class=examples_per_class,
     script:
         "../scripts/sample_few_shot.py"

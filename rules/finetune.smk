@@ -18,7 +18,7 @@ rule finetune:
     input:
         plan=PLANS / "k{shots}/{strategy}.json",
         train=DATA / "train_k{shots}.parquet",
-        val=DATA / "val.parquet",
+        val=DATA / "val_k{shots}.parquet",
         info=DATA / "data.json",
         scores=IMPORTANCE / "k{shots}/scores.parquet",
         layers=IMPORTANCE / "k{shots}/layers.parquet",

@@ -1,4 +1,5 @@
-"""Rule sample_few_shot: k examples per class of the training split (adaptune.data)."""
+"""Rule sample_few_shot: k examples per class of the training or validation split
+(adaptune.data)."""
 
 from typing import TYPE_CHECKING
 
@@ -11,8 +12,9 @@ if TYPE_CHECKING:
 
 with to_log_file(snakemake.log[0]):
     run_sample_few_shot(
-        snakemake.input.train,
-        parse_shots(snakemake.wildcards.shots),
+        snakemake.input.split,
+        parse_shots(snakemake.params.per_class),
         snakemake.params.seed,
-        snakemake.output.train,
+        snakemake.output.sample,
+        at_most=snakemake.wildcards.split == "val",
     )

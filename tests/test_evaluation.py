@@ -30,3 +30,25 @@ def test_evaluate_predictions_tables(tmp_path):
     assert metrics["per_class"]["neg"]["precision"] == 0.5
     plot_confusion(matrix, tmp_path / "c.png", "test")
     assert (tmp_path / "c.png").stat().st_size > 5_000
+
+
+def test_the_metrics_agree_with_scikit_learn_on_random_labels():
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from adaptune.evaluation import confusion_counts, per_class_metrics
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        k = int(rng.integers(2, 7))
+        y_true, y_pred = rng.integers(0, k, 50), rng.integers(0, k - 1, 50)  # a class unpredicted
+        ours = classification_metrics(y_true, y_pred, k)
+        labels = list(range(k))
+        expected = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        assert ours["macro_f1"] == pytest.approx(expected)
+        table = per_class_metrics(y_true, y_pred, [str(i) for i in labels])
+        reference = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+        for column, values in zip(["precision", "recall", "f1", "support"], reference, strict=True):
+            np.testing.assert_allclose(table[column], values)
+        np.testing.assert_array_equal(
+            confusion_counts(y_true, y_pred, k), confusion_matrix(y_true, y_pred, labels=labels)
+        )

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from adaptune import strategies
-from adaptune.data import batches, read_split, run_prepare_data
+from adaptune.data import batches, loader, read_split, run_prepare_data
 from adaptune.errors import ConfigError, DataError, ModelError, PlanError
 from adaptune.evaluation import predict
 from adaptune.importance import calibration_batches, layer_table, score_model
@@ -247,13 +247,17 @@ def test_batches_are_normalised_and_augmentation_is_seeded(digits_prepared):
     assert torch.equal(plain["pixel_values"], next(batches(frame, 6, info))["pixel_values"])
     augment = ["random_resized_crop", "horizontal_flip"]
 
-    def augmented(seed):
-        generator = torch.Generator().manual_seed(seed)
-        return next(batches(frame, 6, info, False, generator, augment))["pixel_values"]
+    def augmented(seed, epoch=1, workers=0):
+        examples = IMAGE.examples(frame, info, augment, seed)
+        examples.set_epoch(epoch)
+        return next(iter(loader(examples, 6, workers=workers)))["pixel_values"]
 
     assert torch.equal(augmented(1), augmented(1))
     assert not torch.equal(augmented(1), augmented(2))
+    assert not torch.equal(augmented(1), augmented(1, epoch=2))  # new draws every epoch
     assert not torch.equal(augmented(1), plain["pixel_values"])
+    # Draws depend on the seed, the epoch and the example only: workers change nothing.
+    assert torch.equal(augmented(1), augmented(1, workers=2))
 
 
 def test_text_model_on_images_is_refused_before_anything_runs(tmp_path, tiny_bert_dir):

@@ -167,7 +167,7 @@ def test_a_new_shot_count_only_adds_its_jobs(changed):
     jobs = changed(lambda c: c["data"].update(shots=[4, 8]))
     assert jobs == {
         "fit_baseline": 1,
-        "sample_few_shot": 1,
+        "sample_few_shot": 2,  # its training and validation samples
         "score_importance": 1,
         "make_freeze_plan": 2,
         "finetune": 4,

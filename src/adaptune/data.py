@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from adaptune import modalities
 from adaptune.errors import DataError
-from adaptune.modalities import Batch, Modality
+from adaptune.modalities import Batch, Examples, Modality
 from adaptune.modalities.files import content_fingerprint
 from adaptune.settings import DataSettings, ModelSettings
 
@@ -158,8 +159,11 @@ def split_examples(
     }
 
 
-def sample_few_shot(train: pd.DataFrame, shots: int | None, seed: int) -> pd.DataFrame:
-    """``shots`` examples of each class from the training split (all of it when None).
+def sample_few_shot(
+    train: pd.DataFrame, shots: int | None, seed: int, at_most: bool = False
+) -> pd.DataFrame:
+    """``shots`` examples of each class from a split (all of it when None); with ``at_most``, a
+    class with fewer gives all it has (the validation sample), else that is an error.
 
     Each class is permuted once with ``seed`` and the first ``shots`` are taken, so smaller
     few-shot sets are nested inside larger ones and a new shot count changes no existing one.
@@ -168,7 +172,7 @@ def sample_few_shot(train: pd.DataFrame, shots: int | None, seed: int) -> pd.Dat
         return train
     counts = train["label"].value_counts()
     short = counts[counts < shots]
-    if not short.empty:
+    if not short.empty and not at_most:
         raise DataError(
             f"{shots} shots per class asked, but the training split has only "
             f"{short.sort_index().to_dict()} of these classes; lower data.shots or data.val_size/"
@@ -234,24 +238,47 @@ def read_data_info(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def loader(
+    examples: Examples,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    by_length: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` of batches of ``examples``: in row order, shuffled by ``generator``, or
+    (``by_length``, for inference) longest first, so that each batch pads little. Every batch
+    carries ``index``, the rows it holds. ``workers`` processes decode and augment examples;
+    the batches and their order are the same with any number."""
+    count = len(examples)
+    if shuffle:
+        order = torch.randperm(count, generator=generator).tolist()
+    elif by_length and examples.lengths is not None:
+        order = np.argsort(-examples.lengths, kind="stable").tolist()
+    else:
+        order = list(range(count))
+    return DataLoader(
+        examples,
+        batch_sampler=[order[start : start + batch_size] for start in range(0, count, batch_size)],
+        collate_fn=examples.collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
+
+
 def batches(
     frame: pd.DataFrame,
     batch_size: int,
     info: Mapping[str, Any],
     shuffle: bool = False,
     generator: torch.Generator | None = None,
-    augment: Sequence[str] = (),
     modality: Modality | None = None,
 ) -> Iterator[Batch]:
-    """Batches of a prepared split, made by the modality ``data.json`` (``info``) names: in
-    row order, or shuffled by ``generator``; train-time ``augment`` steps drawn from it too."""
-    order = (
-        torch.randperm(len(frame), generator=generator).tolist()
-        if shuffle
-        else list(range(len(frame)))
-    )
-    modality = modality or modalities.get(info)
-    yield from modality.batches(frame, batch_size, info, order, augment, generator)
+    """Batches of a prepared split as the modality ``data.json`` (``info``) names makes them,
+    in row order or shuffled by ``generator``, without augmentation."""
+    examples = (modality or modalities.get(info)).examples(frame, info)
+    yield from loader(examples, batch_size, shuffle, generator)
 
 
 def run_prepare_data(
@@ -266,8 +293,16 @@ def run_prepare_data(
     return info
 
 
-def run_sample_few_shot(train_path: str, shots: int | None, seed: int, out_path: str) -> None:
-    """The few-shot step of the data stage: k examples per class of the training split."""
-    few = sample_few_shot(read_split(train_path), shots, seed)
+def run_sample_few_shot(
+    split_path: str, shots: int | None, seed: int, out_path: str, at_most: bool = False
+) -> None:
+    """The few-shot step of the data stage: k examples per class of the training split (or, with
+    ``at_most``, up to k of the validation split)."""
+    few = sample_few_shot(read_split(split_path), shots, seed, at_most)
     save_split(few, out_path)
-    log.info("%s shots per class: %d examples", shots or "all", len(few))
+    log.info(
+        "%s per class: %d examples %s",
+        shots or "all",
+        len(few),
+        few["label"].value_counts().to_dict(),
+    )

@@ -69,7 +69,7 @@ def parse_shots(value: int | str) -> int | None:
 @dataclass(frozen=True)
 class DataSettings:
     """Where the labelled examples come from and how they are split (``data:``, without
-    ``shots``: each shot count is its own job)."""
+    ``shots`` and ``val_shots``: each shot count is its own job)."""
 
     source: str
     text_column: str
@@ -104,7 +104,8 @@ class DataSettings:
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> Self:
         values = _section(data, "data")
-        values.pop("shots", None)
+        for sample_size in ("shots", "val_shots"):  # the {shots} wildcard and its val sample
+            values.pop(sample_size, None)
         return build(cls, values, "data")
 
 
@@ -141,7 +142,7 @@ class ImportanceSettings:
     batches: int
     batch_size: int
     hutchinson_probes: int
-    hessian_batches: int
+    hessian_examples: int
     chunk_size: int
     per_example: str
     combine: dict[str, float]
@@ -181,6 +182,7 @@ class TrainSettings:
     precision: str
     augment: list[str]
     frozen_batchnorm: str
+    feature_cache: str
 
     @classmethod
     def from_config(

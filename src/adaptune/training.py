@@ -8,6 +8,7 @@ training hooks (:mod:`adaptune.strategies`), and which tensors train in which ep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,16 +19,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from adaptune import modalities, strategies, tracking
-from adaptune.data import batches, read_data_info, read_split
+from adaptune.data import loader, read_data_info, read_split
 from adaptune.evaluation import classification_metrics, predict
-from adaptune.modalities import TaskModel
+from adaptune.modalities import Examples, TaskModel
 from adaptune.optim import apply_plan, build_optimizer, param_groups
 from adaptune.plans import Plan
+from adaptune.prefix import Boundary, PrefixCache, find_boundary
 from adaptune.runtime import autocast, seed_everything, select_device
 from adaptune.settings import ModelSettings, TrainSettings, write_settings
 from adaptune.strategies import Run
@@ -55,6 +58,107 @@ class TrainResult:
     optimizer_groups: int
 
 
+def cache_limit_bytes() -> int:
+    """Memory the frozen-prefix cache may hold (the rest goes to disk): a quarter of what is
+    available, at most 2 GB."""
+    return int(min(2e9, 0.25 * psutil.virtual_memory().available))
+
+
+class PrefixState:
+    """The frozen-prefix cache of a run, kept while the boundary stays where it is and rebuilt
+    when a layer thaws (gradual unfreezing, the end of a probe)."""
+
+    def __init__(
+        self,
+        task: TaskModel,
+        settings: TrainSettings,
+        train: Examples,
+        val: Examples,
+        device: torch.device,
+    ) -> None:
+        self.task, self.settings, self.device = task, settings, device
+        self.train, self.val = train, val
+        self.cache: PrefixCache | None = None
+        self.enabled = settings.feature_cache == "auto"
+        if self.enabled and settings.augment:
+            log.info("feature cache off: augmented training examples differ every epoch")
+            self.enabled = False
+
+    def refresh(self) -> PrefixCache | None:
+        """The cache for the model's frozen prefix as it is now (None: run everything)."""
+        if not self.enabled:
+            return None
+        boundary = find_boundary(self.task.model, self.task.head)
+        if self.cache is not None and boundary == self.cache.boundary:
+            return self.cache
+        self.close()
+        if boundary is None:
+            return None
+        if self.settings.frozen_batchnorm == "train" and self._has_batchnorm(boundary):
+            log.info("feature cache off: frozen BatchNorm layers train (frozen_batchnorm: train)")
+            return None
+        start = time.perf_counter()
+        cache = PrefixCache(self.task, boundary, cache_limit_bytes())
+        try:
+            batch_size = self.settings.eval_batch_size
+            for split, examples in (("train", self.train), ("val", self.val)):
+                batches = loader(examples, batch_size, by_length=True)
+                cache.capture(split, batches, len(examples), self.device)
+            problem = self._check(cache)
+        except (RuntimeError, ValueError, MemoryError, OSError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            log.warning("feature cache off: %s; every step runs the whole network", problem)
+            cache.close()
+            self.enabled = False
+            return None
+        log.info(
+            "feature cache: every layer below %s frozen; the inputs of %s cached for %d + %d "
+            "examples in %.1f s (%.0f MB in memory)",
+            boundary.layer,
+            boundary.inject,
+            len(self.train),
+            len(self.val),
+            time.perf_counter() - start,
+            sum(s.used for s in cache.stores.values()) / 1e6,
+        )
+        self.cache = cache
+        return cache
+
+    def _has_batchnorm(self, boundary: Boundary) -> bool:
+        model = self.task.model
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for path in (*boundary.removed, *boundary.passed)
+            for m in model.get_submodule(path).modules()
+        )
+
+    @torch.no_grad()
+    def _check(self, cache: PrefixCache) -> str | None:
+        """Compare the cached forward with the full one on a batch of validation examples."""
+        batch = next(iter(loader(self.val, min(len(self.val), 8))))
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        model = self.task.model
+        was_training = model.training
+        model.eval()
+        try:
+            full = self.task.logits(batch).float()
+            with cache.replaying():
+                cache.current = cache.features("val", batch, self.device)
+                cached = self.task.logits(batch).float()
+        finally:
+            model.train(was_training)
+        if full.shape != cached.shape or not torch.allclose(full, cached, rtol=1e-4, atol=1e-5):
+            gap = (full - cached).abs().max() if full.shape == cached.shape else "shape"
+            return f"the cached and the full forward disagree ({gap})"
+        return None
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+
 def finetune(
     task: TaskModel,
     plan: Plan,
@@ -65,13 +169,16 @@ def finetune(
     info: Mapping[str, Any],
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    workers: int = 0,
 ) -> TrainResult:
     """Train ``task.model`` in place under ``plan``; on return it holds the weights of the epoch
     with the best validation macro-F1 (ties: the earlier epoch).
 
     Only trainable tensors are copied for the best checkpoint: frozen ones never change. With
     ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
-    stay in eval mode, so their running statistics stay the pretrained ones too.
+    stay in eval mode, so their running statistics stay the pretrained ones too. Where the
+    bottom of the network is frozen, it is computed once (:mod:`adaptune.prefix`). ``workers``
+    processes prepare the training batches.
     """
     seed_everything(seed)
     model = task.model
@@ -100,6 +207,9 @@ def finetune(
         steps_per_epoch,
         device,
     )
+    train_examples = task.modality.examples(train, info, settings.augment, seed)
+    val_examples = task.modality.examples(val, info)
+    prefix = PrefixState(task, settings, train_examples, val_examples, device)
     generator = torch.Generator().manual_seed(seed)
     labels = val["label_id"].to_numpy()
     history: list[dict[str, float]] = []
@@ -109,31 +219,50 @@ def finetune(
         if plan.totals["scheduled_tensors"]:
             apply_plan(model, plan, epoch)
             log.info("epoch %d: %d tensors train", epoch, sum(p.requires_grad for p in trainable))
+        cache = prefix.refresh()
         model.train()
         if settings.frozen_batchnorm == "eval":
             set_frozen_batchnorm_eval(model)
         start = time.perf_counter()
         losses = []
-        epoch_batches = batches(
-            train, settings.batch_size, info, True, generator, settings.augment, task.modality
+        train_examples.set_epoch(epoch)
+        epoch_batches = loader(
+            train_examples,
+            settings.batch_size,
+            shuffle=True,
+            generator=generator,
+            workers=workers,
+            pin_memory=device.type == "cuda",
         )
-        for step, batch in enumerate(
-            tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
-        ):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, settings.precision):
-                logits = task.logits(batch)
-            loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            hooks.before_step(first_step_of_epoch=step == 0)
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+        with cache.replaying() if cache else contextlib.nullcontext():
+            for step, batch in enumerate(
+                tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
+            ):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if cache is not None:
+                    cache.current = cache.features("train", batch, device)
+                with autocast(device, settings.precision):
+                    logits = task.logits(batch)
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                hooks.before_step(first_step_of_epoch=step == 0)
+                if settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
         train_seconds += time.perf_counter() - start
-        val_logits = predict(task, val, settings.eval_batch_size, info, device, settings.precision)
+        val_logits = predict(
+            task,
+            val_examples,
+            settings.eval_batch_size,
+            info,
+            device,
+            settings.precision,
+            cache,
+            "val",
+        )
         scores = classification_metrics(
             labels, val_logits.argmax(1), num_labels=val_logits.shape[1]
         )
@@ -162,6 +291,7 @@ def finetune(
             on_epoch(row)
         if best is None or row["val_macro_f1"] > best[0]:
             best = (row["val_macro_f1"], epoch, [p.detach().clone() for p in trainable])
+    prefix.close()
     assert best is not None
     with torch.no_grad():
         for param, saved in zip(trainable, best[2], strict=True):

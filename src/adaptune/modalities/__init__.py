@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from adaptune.errors import ConfigError
-from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel
+from adaptune.modalities.base import Baseline, Batch, Examples, Modality, TaskModel
 from adaptune.settings import DataSettings, ModelSettings
 
-__all__ = ["Baseline", "Batch", "Modality", "TaskModel", "all_modalities", "choose", "get"]
+__all__ = [
+    "Baseline",
+    "Batch",
+    "Examples",
+    "Modality",
+    "TaskModel",
+    "all_modalities",
+    "choose",
+    "get",
+]
 
 
 @functools.cache

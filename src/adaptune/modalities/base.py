@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -24,6 +25,40 @@ from adaptune.modalities.files import files_under
 from adaptune.settings import DataSettings, ModelSettings
 
 Batch = dict[str, torch.Tensor]
+# Keys of a batch that are not the model's inputs: the targets, and each example's row in its
+# split (which the frozen-prefix cache and length-sorted inference use).
+NOT_INPUTS = ("labels", "index")
+
+
+class Examples(torch.utils.data.Dataset):
+    """A prepared split as a map-style dataset of single examples (dicts of tensors, with
+    ``labels`` and ``index``), with :meth:`collate` to make batches of them. ``lengths`` (the
+    cost of each example, for sorting inference batches) is None where all cost the same.
+    :meth:`set_epoch` reseeds train-time augmentation (each example's draws depend on the
+    seed, the epoch and its index only, so data-loading workers change nothing)."""
+
+    lengths: np.ndarray | None = None
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {**self.inputs(index), "labels": self.labels[index], "index": torch.tensor(index)}
+
+    def inputs(self, index: int) -> dict[str, torch.Tensor]:
+        """The model inputs of one example."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> Batch:
+        """Stack examples of equal shapes (a modality with ragged inputs pads here)."""
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
 def installed_version(package: str) -> str:
@@ -132,17 +167,15 @@ class Modality(ABC):
     # --- batches ----------------------------------------------------------------------------
 
     @abstractmethod
-    def batches(
+    def examples(
         self,
         frame: pd.DataFrame,
-        batch_size: int,
         info: Mapping[str, Any],
-        order: Sequence[int],
         augment: Sequence[str] = (),
-        generator: torch.Generator | None = None,
-    ) -> Iterator[Batch]:
-        """Batches of a prepared split's rows in ``order``: the model's inputs and
-        ``labels``; ``augment`` (train-time augmentations) drawn from ``generator``."""
+        seed: int = 0,
+    ) -> Examples:
+        """A prepared split as :class:`Examples`; ``augment`` (train-time augmentations) drawn
+        from ``seed``, the epoch and each example's index."""
 
     @abstractmethod
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -159,6 +192,18 @@ class Modality(ABC):
         else:
             output = torch.func.functional_call(model, params, args, kwargs)
         return output.logits if hasattr(output, "logits") else output
+
+    def sub_batch(self, batch: Batch, start: int, stop: int) -> Batch:
+        """The examples ``start:stop`` of a batch, as a batch."""
+        return {key: value[start:stop] for key, value in batch.items()}
+
+    def split_features(self, features: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
+        """A batch of a module's inputs (the frozen-prefix cache) as one tensor per example."""
+        return list(features.unbind(0))
+
+    def join_features(self, pieces: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The inverse of :meth:`split_features` for the examples of ``batch``."""
+        return torch.stack(pieces)
 
     def example_chunks(self, batch: Batch, chunk_size: int) -> Iterator[Batch]:
         """A batch's examples in chunks of at most ``chunk_size``, each chunk computable per

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
-from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel, installed_version
+from adaptune.modalities.base import (
+    Baseline,
+    Batch,
+    Examples,
+    Modality,
+    TaskModel,
+    installed_version,
+)
 from adaptune.modalities.files import local_file
 from adaptune.settings import DataSettings, ModelSettings
 
@@ -148,35 +154,18 @@ class ImageModality(Modality):
             "transform": transform.to_dict(),
         }
 
-    def batches(
+    def examples(
         self,
         frame: pd.DataFrame,
-        batch_size: int,
         info: Mapping[str, Any],
-        order: Sequence[int],
         augment: Sequence[str] = (),
-        generator: torch.Generator | None = None,
-    ) -> Iterator[Batch]:
-        """``{pixel_values, labels}`` in the model's transform, with the train-time ``augment``
-        steps drawn from ``generator``."""
-        from adaptune.modalities.image.transforms import ImageTransform, image_tensor
+        seed: int = 0,
+    ) -> Examples:
+        """``{pixel_values, labels, index}`` in the model's transform, with the train-time
+        ``augment`` steps."""
+        from adaptune.modalities.image.transforms import ImageExamples, ImageTransform
 
-        transform = ImageTransform.from_dict(info["transform"])
-        images = frame["image"].tolist()
-        heights, widths = frame["height"].to_numpy(), frame["width"].to_numpy()
-        labels = frame["label_id"].to_numpy()
-        for start in range(0, len(order), batch_size):
-            chosen = list(order[start : start + batch_size])
-            pixels = [
-                image_tensor(
-                    images[i], int(heights[i]), int(widths[i]), transform, augment, generator
-                )
-                for i in chosen
-            ]
-            yield {
-                "pixel_values": torch.stack(pixels),
-                "labels": torch.as_tensor(labels[chosen], dtype=torch.long),
-            }
+        return ImageExamples(frame, ImageTransform.from_dict(info["transform"]), augment, seed)
 
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (batch["pixel_values"],), {}

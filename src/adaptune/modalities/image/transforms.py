@@ -8,15 +8,19 @@ augmentations drawn from the run's generator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
+
+from adaptune.modalities.base import Examples
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,31 @@ def image_tensor(
     if "horizontal_flip" in augment and float(torch.rand(1, generator=generator)) < 0.5:
         image = F.horizontal_flip(image)
     return F.normalize(image.float() / 255.0, list(transform.mean), list(transform.std))
+
+
+class ImageExamples(Examples):
+    """Cached images of a split, decoded and transformed one at a time (in data-loading workers
+    where there are some). With ``augment``, each example's random draws come from a generator
+    seeded by (seed, epoch, index) alone: the same for a seed whatever the workers do."""
+
+    def __init__(
+        self, frame: pd.DataFrame, transform: ImageTransform, augment: Sequence[str], seed: int
+    ) -> None:
+        super().__init__(frame["label_id"].to_numpy())
+        self.images = frame["image"].tolist()
+        self.heights = frame["height"].to_numpy()
+        self.widths = frame["width"].to_numpy()
+        self.transform, self.augment, self.seed = transform, tuple(augment), seed
+
+    def generator(self, index: int) -> torch.Generator | None:
+        if not self.augment:
+            return None
+        key = hashlib.sha256(f"{self.seed}:{self.epoch}:{index}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+
+    def inputs(self, index: int) -> dict[str, torch.Tensor]:
+        height, width = int(self.heights[index]), int(self.widths[index])
+        pixels = image_tensor(
+            self.images[index], height, width, self.transform, self.augment, self.generator(index)
+        )
+        return {"pixel_values": pixels}

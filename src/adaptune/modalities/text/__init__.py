@@ -18,7 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from adaptune.modalities.base import Baseline, Batch, Modality, TaskModel, installed_version
+from adaptune.modalities.base import (
+    NOT_INPUTS,
+    Baseline,
+    Batch,
+    Examples,
+    Modality,
+    TaskModel,
+    installed_version,
+)
 from adaptune.modalities.files import local_file
 from adaptune.modalities.text import models, sources
 from adaptune.settings import DataSettings, ModelSettings
@@ -26,10 +34,53 @@ from adaptune.settings import DataSettings, ModelSettings
 log = logging.getLogger(__name__)
 
 
+TOKENIZE_CHUNK = 2048  # texts per tokenizer call: its Python lists of ids stay small
+
+
 def tokenize(frame: pd.DataFrame, tokenizer: Any, max_length: int) -> pd.DataFrame:
-    """Add ``input_ids`` (unpadded, truncated to ``max_length``) from the model's tokenizer."""
-    encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)
-    return frame.assign(input_ids=[np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]])
+    """Add ``input_ids`` (unpadded, truncated to ``max_length``, int32 arrays) from the model's
+    tokenizer, a chunk of texts at a time, so that memory holds the arrays, not the tokenizer's
+    lists of Python ints for the whole split."""
+    ids: list[np.ndarray] = []
+    texts = frame["text"].tolist()
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        encoded = tokenizer(
+            texts[start : start + TOKENIZE_CHUNK], truncation=True, max_length=max_length
+        )
+        ids += [np.asarray(row, dtype=np.int32) for row in encoded["input_ids"]]
+    return frame.assign(input_ids=ids)
+
+
+class TokenExamples(Examples):
+    """Token ids of a split held as one flat int32 array with offsets (no Python object per
+    token), padded per batch to its longest text."""
+
+    def __init__(self, frame: pd.DataFrame, pad_token_id: int) -> None:
+        super().__init__(frame["label_id"].to_numpy())
+        rows = frame["input_ids"].tolist()
+        self.lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.ids = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+        self.pad_token_id = pad_token_id
+
+    def inputs(self, index: int) -> dict[str, torch.Tensor]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return {"input_ids": torch.from_numpy(self.ids[start:end].astype(np.int64))}
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> Batch:
+        longest = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            attention_mask[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": torch.stack([item["labels"] for item in items]),
+            "index": torch.stack([item["index"] for item in items]),
+        }
 
 
 def tfidf_logreg(seed: int) -> Any:
@@ -112,37 +163,45 @@ class TextModality(Modality):
             "pad_token_id": int(tokenizer.pad_token_id or 0),
         }
 
-    def batches(
+    def examples(
         self,
         frame: pd.DataFrame,
-        batch_size: int,
         info: Mapping[str, Any],
-        order: Sequence[int],
         augment: Sequence[str] = (),
-        generator: torch.Generator | None = None,
-    ) -> Iterator[Batch]:
-        """``{input_ids, attention_mask, labels}``, right-padded to the batch's longest text
-        (``augment`` does not apply to text)."""
-        pad_token_id = int(info["pad_token_id"])
-        ids = frame["input_ids"].tolist()
-        labels = frame["label_id"].to_numpy()
-        for start in range(0, len(order), batch_size):
-            chosen = list(order[start : start + batch_size])
-            longest = max(len(ids[i]) for i in chosen)
-            input_ids = torch.full((len(chosen), longest), pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chosen), longest), dtype=torch.long)
-            for row, i in enumerate(chosen):
-                n = len(ids[i])
-                input_ids[row, :n] = torch.tensor(ids[i], dtype=torch.long)
-                attention_mask[row, :n] = 1
-            yield {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "labels": torch.as_tensor(labels[chosen], dtype=torch.long),
-            }
+        seed: int = 0,
+    ) -> Examples:
+        """``{input_ids, attention_mask, labels, index}`` batches, right-padded to the batch's
+        longest text (``augment`` does not apply to text)."""
+        return TokenExamples(frame, int(info["pad_token_id"]))
 
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return (), {k: v for k, v in batch.items() if k != "labels"}
+        return (), {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+
+    def sub_batch(self, batch: Batch, start: int, stop: int) -> Batch:
+        """Some of a batch's texts, without the padding only the others needed."""
+        part = super().sub_batch(batch, start, stop)
+        width = int(part["attention_mask"].sum(1).max())
+        return {
+            k: v[:, :width] if k in ("input_ids", "attention_mask") else v for k, v in part.items()
+        }
+
+    def split_features(self, features: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
+        """Per-token features (batch x padded length x ...) are cut to each text's length."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if features.dim() >= 3 and features.shape[1] == batch["attention_mask"].shape[1]:
+            return [row[:length] for row, length in zip(features, lengths, strict=True)]
+        return super().split_features(features, batch)
+
+    def join_features(self, pieces: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Per-token features are padded (with zeros, which the attention mask hides) to the
+        batch's width."""
+        width = batch["attention_mask"].shape[1]
+        if pieces[0].dim() >= 2 and all(len(p) <= width for p in pieces):
+            padded = pieces[0].new_zeros((len(pieces), width, *pieces[0].shape[1:]))
+            for row, piece in enumerate(pieces):
+                padded[row, : len(piece)] = piece
+            return padded
+        return super().join_features(pieces, batch)
 
     def example_chunks(self, batch: Batch, chunk_size: int) -> Iterator[Batch]:
         """Right-padded examples regrouped by length, their padding and attention mask removed:
