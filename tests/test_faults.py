@@ -407,11 +407,12 @@ def live_runs(db: Path, experiment: str) -> list:
 def start_until_training(flow: Workflow) -> subprocess.Popen:
     """Start the workflow in the background and return once a finetune job has started its
     MLflow run (its run-id file exists) and is training."""
+    log = open(flow.root / "snakemake.log", "wb")  # noqa: SIM115 - read by wait_or_explain
     process = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "--cores", "1"],
         cwd=flow.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     run_id = flow.results("faults") / "runs/full/k2/seed0/mlflow_run_id"
@@ -421,6 +422,23 @@ def start_until_training(flow: Workflow) -> subprocess.Popen:
         time.sleep(0.5)
     time.sleep(3)
     return process
+
+
+def wait_or_explain(process: subprocess.Popen, flow: Workflow, timeout: float) -> int:
+    """``process``'s exit code; if it is still running after ``timeout`` seconds, kill its
+    process group and fail with its log and the processes it had left."""
+    import psutil
+
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [
+            f"{c.pid} {c.status()} {' '.join(c.cmdline())[:200]}"
+            for c in psutil.Process(process.pid).children(recursive=True)
+        ]
+        os.killpg(process.pid, signal.SIGKILL)
+        log = (flow.root / "snakemake.log").read_text()[-4000:]
+        pytest.fail(f"still running after {timeout} s; processes:\n" + "\n".join(tree) + log)
 
 
 def finetune_job(process: subprocess.Popen) -> int:
@@ -445,7 +463,7 @@ def test_an_interrupted_run_leaves_one_live_run_per_key_with_all_its_metrics(
         os.kill(finetune_job(process), signal.SIGKILL)
     else:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-    assert process.wait(timeout=120) != 0
+    assert wait_or_explain(process, flow, timeout=180) != 0
     config["train"]["epochs"] = 1
     flow.write_config(config)
     flow.run("--cores", "2")  # the profile reruns incomplete jobs
