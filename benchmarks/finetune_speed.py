@@ -6,9 +6,11 @@ fine-tuning and training the head alone (where adaptune computes the frozen body
     python benchmarks/finetune_speed.py --gpu-model-size base   # on a GPU: bert-base in bf16
 
 Prints a markdown table: examples per second over the training epochs (validation excluded for
-all three), and each against the plain loop. With ``--gpu-model-size`` and a CUDA device, a
-second table gives a randomly initialised BERT of that size in bf16: tokens per second and the
-model-FLOPs utilisation, 6 x parameters x tokens / time / the device's peak bf16 FLOP rate.
+all three; adaptune's time includes building its frozen-prefix cache), the median of
+``--repeat`` interleaved runs, and each against the plain loop. With ``--gpu-model-size`` and
+a CUDA device, a second table gives a randomly initialised BERT of that size in bf16: tokens
+per second and the model-FLOPs utilisation, 6 x parameters x tokens / time / the device's peak
+bf16 FLOP rate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -96,7 +99,9 @@ def hf_trainer(task: TaskModel, train, settings: TrainSettings, mode: str, devic
             num_train_epochs=settings.epochs,
             learning_rate=settings.lr,
             weight_decay=settings.weight_decay,
-            warmup_ratio=settings.warmup_ratio,
+            warmup_steps=round(
+                settings.warmup_ratio * -(-len(rows) // settings.batch_size) * settings.epochs
+            ),
             max_grad_norm=settings.max_grad_norm,
             report_to=[],
             save_strategy="no",
@@ -183,6 +188,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="median of this many runs")
     parser.add_argument("--gpu-model-size", choices=["base", "large"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,23 +201,29 @@ def main() -> None:
     from adaptune.modalities.text.models import load_tokenizer
 
     _TOKENIZER["tokenizer"] = load_tokenizer(model.name)
+    loops = {
+        "plain PyTorch loop": lambda s, m: plain_loop(load(model, info), train, s, m, device),
+        "Hugging Face Trainer": lambda s, m: hf_trainer(load(model, info), train, s, m, device),
+        "adaptune finetune": lambda s, m: adaptune_loop(
+            load(model, info), train, val, info, s, m, device
+        ),
+    }
     rows = []
     for mode in ("full", "head_only"):
         lr = 1e-2 if mode == "head_only" else 5e-5
         settings = TrainSettings.from_config({"epochs": args.epochs, "lr": lr})
-        speeds = {
-            "plain PyTorch loop": plain_loop(load(model, info), train, settings, mode, device),
-            "Hugging Face Trainer": hf_trainer(load(model, info), train, settings, mode, device),
-            "adaptune finetune": adaptune_loop(
-                load(model, info), train, val, info, settings, mode, device
-            ),
-        }
+        # Interleaved repeats, so that a slow spell of the machine hits every loop alike.
+        runs = {name: [] for name in loops}
+        for _ in range(args.repeat):
+            for name, run in loops.items():
+                runs[name].append(run(settings, mode))
+        speeds = {name: float(np.median(values)) for name, values in runs.items()}
         plain = speeds["plain PyTorch loop"]
         rows += [(mode, name, value, value / plain) for name, value in speeds.items()]
     print(
         f"\n{model.name} on {len(train)} BBC News articles ({args.shots} per class, up to "
         f"{args.max_length} tokens), batch 16, {args.epochs} epochs, {device}, "
-        f"{args.threads} threads\n"
+        f"{args.threads} threads, median of {args.repeat} runs\n"
     )
     print("| mode | loop | examples/s | x plain loop |")
     print("|---|---|---:|---:|")
