@@ -43,5 +43,9 @@ rule finetune:
         train=train_settings,
         model=config["model"],
         model_content=EXTERNAL.model_fingerprint,
+        # Logged with the run's resolved config; a change to either reruns this job already
+        # (through its data and plan inputs).
+        data=data_settings,
+        importance=config["importance"],
     script:
         "../scripts/finetune.py"

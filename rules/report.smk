@@ -9,7 +9,18 @@ localrules:
 rule report:
     input:
         metrics=all_run_metrics(),
+        experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
+        page=report(
+            REPORT / "leaderboard.html",
+            caption="../report/headline.rst",
+            category="1. Result",
+        ),
+        curves=report(
+            REPORT / "curves.png",
+            caption="../report/curves.rst",
+            category="Leaderboard",
+        ),
         leaderboard=report(
             REPORT / "leaderboard.csv",
             caption="../report/leaderboard_table.rst",
@@ -36,5 +47,6 @@ rule report:
         ENV
     params:
         experiment=EXPERIMENT,
+        config=config,
     script:
         "../scripts/report.py"

@@ -25,4 +25,5 @@ with to_log_file(snakemake.log[0]):
         experiment_path=snakemake.input.experiment,
         artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap")},
         outputs=dict(snakemake.output.items()),
+        resolved={"data": snakemake.params.data, "importance": snakemake.params.importance},
     )

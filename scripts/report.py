@@ -10,5 +10,9 @@ if TYPE_CHECKING:
 
 with to_log_file(snakemake.log[0]):
     run_report(
-        list(snakemake.input.metrics), snakemake.params.experiment, dict(snakemake.output.items())
+        list(snakemake.input.metrics),
+        snakemake.params.experiment,
+        dict(snakemake.output.items()),
+        config=snakemake.params.config,
+        experiment_path=snakemake.input.experiment,
     )

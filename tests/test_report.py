@@ -3,10 +3,17 @@ import json
 import pandas as pd
 import pytest
 
-from adaptune.report import leaderboard, run_report, summarise
+from adaptune.report import (
+    best_per_shots,
+    interval,
+    leaderboard,
+    paired_difference,
+    run_report,
+    summarise,
+)
 
 
-def write_run(folder, strategy, shots, seed, f1):
+def write_run(folder, strategy, shots, seed, f1, val=None):
     path = folder / f"{strategy}-{shots}-{seed}.json"
     path.write_text(
         json.dumps(
@@ -20,7 +27,7 @@ def write_run(folder, strategy, shots, seed, f1):
                 "trainable_fraction": 0.5,
                 "train_seconds": 1.5,
                 "best_epoch": 2,
-                "best_val_macro_f1": f1,
+                "best_val_macro_f1": f1 if val is None else val,
                 "test_loss": 0.3,
                 "test_examples": 100,
                 "mlflow_run_id": "abc",
@@ -56,14 +63,38 @@ def test_leaderboard_and_summary_over_seeds(tmp_path):
             ("plot", "lb.png"),
             ("tradeoffs", "t.png"),
             ("best", "b.csv"),
+            ("page", "lb.html"),
+            ("curves", "c.png"),
         ]
     }
     run_report([str(f) for f in files], "exp", outputs)
-    assert "| 16 | full | 2 | 0.8500 ± 0.0707 |" in (tmp_path / "lb.md").read_text()
+    assert "| 16 | full | 2 | 0.8500 | 0.8500 ± 0.0707 |" in (tmp_path / "lb.md").read_text()
+    assert "<table>" in (tmp_path / "lb.html").read_text()
     assert len(pd.read_csv(outputs["leaderboard"])) == 5
     assert (tmp_path / "lb.png").stat().st_size > 10_000
     assert (tmp_path / "t.png").stat().st_size > 10_000
     best = pd.read_csv(outputs["best"], dtype={"shots": str}).set_index("shots")
-    assert best.loc["16", "best_strategy"] == "full"
-    assert best.loc["16", "margin_over_runner_up"] == pytest.approx(0.15)
-    assert best.loc["16", "margin_over_full"] == 0
+    assert best.loc["16", "selected_strategy"] == "full"
+    assert best.loc["16", "model_seed"] == 1  # the seed with the better validation score
+
+
+def test_the_strategy_is_selected_on_validation_and_compared_with_full_by_seed(tmp_path):
+    """head_only wins on validation but loses on test: it is selected (the test split plays
+    no part), and its paired difference to full comes with an interval over the 3 seeds."""
+    files = [
+        write_run(tmp_path, "full", "8", s, f1, val=0.5) for s, f1 in enumerate([0.8, 0.7, 0.9])
+    ]
+    files += [
+        write_run(tmp_path, "head_only", "8", s, f1, val=0.6)
+        for s, f1 in enumerate([0.75, 0.66, 0.86])
+    ]
+    board = leaderboard(files)
+    best = best_per_shots(summarise(board), board).set_index("shots")
+    assert best.loc["8", "selected_strategy"] == "head_only"
+    assert best.loc["8", "test_macro_f1_mean"] == pytest.approx(0.7566667)
+    # differences -0.05, -0.04, -0.04: mean -0.04333, t(2) interval 4.303 * 0.005774 / sqrt(3)
+    assert best.loc["8", "diff_vs_full"] == pytest.approx(-0.0433333)
+    half = 4.302653 * 0.0057735 / 3**0.5
+    assert best.loc["8", "diff_vs_full_low"] == pytest.approx(-0.0433333 - half, rel=1e-4)
+    one_seed = paired_difference(board[board["seed"] == 0], "8", "head_only", "full")
+    assert one_seed["n"] == 1 and "n=1, no interval" in interval(one_seed)

@@ -65,9 +65,11 @@ def test_leaderboard_has_every_run_with_real_metrics(workflow):
     assert (report / "leaderboard.png").stat().st_size > 10_000
     assert (report / "tradeoffs.png").stat().st_size > 10_000
     best = pd.read_csv(report / "best_per_shots.csv")
-    assert (
-        best.loc[0, "best_strategy"] == board.groupby("strategy")["test_macro_f1"].mean().idxmax()
-    )
+    on_val = board.groupby("strategy")["best_val_macro_f1"].mean()
+    assert on_val[best.loc[0, "selected_strategy"]] == on_val.max()  # validation, never test
+    assert (workflow.root / best.loc[0, "model_dir"] / "config.json").is_file()
+    assert "<table>" in (report / "leaderboard.html").read_text()
+    assert (report / "curves.png").stat().st_size > 10_000
 
 
 def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
@@ -135,6 +137,50 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
         assert "evaluation/confusion.png" in evaluation
     connection = sqlite3.connect(db)
     assert connection.execute("select count(*) from runs").fetchone()[0] == 5
+
+
+def test_each_mlflow_run_is_complete_and_the_selected_model_is_registered(workflow):
+    """The run record a user inspects: what ran (device, strategy and data settings, the
+    resolved config), per-step curves, the data as a dataset input, the model logged with its
+    flavor, and the validation-selected run registered as ``champion``."""
+    import mlflow
+
+    tracking_uri = f"sqlite:///{workflow.root / 'results/mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run_id = (workflow.results("tiny") / "runs/full/k4/seed0/mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["device"] == "cpu" and params["data.seed"] == "0"
+    assert params["importance.batches"] == str(workflow.config["importance"]["batches"])
+    assert tags["adaptune.group"] == "full/k4" and "mlflow.note.content" in tags
+    assert tags["mlflow.source.name"].startswith("snakemake rule finetune")
+    config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+    assert config["strategy"] == {"name": "full", "kind": "full"} and config["data"]["shots"] == "4"
+    steps = client.get_metric_history(run_id, "train_loss_step")
+    assert [m.step for m in steps] == list(range(1, len(steps) + 1)) and len(steps) == 3
+    rates = [m.value for m in client.get_metric_history(run_id, "lr")]
+    assert rates[0] > 0 and len(rates) == 3  # the rate each step used, not the one after it
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"train", "validation"}
+    summary = json.loads(
+        (workflow.results("tiny") / "runs/full/k4/seed0/train_summary.json").read_text()
+    )
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the global store
+    try:
+        logged = mlflow.pyfunc.load_model(summary["mlflow_model_uri"])
+        predicted = logged.predict(["a short text about the markets"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert logged.metadata.flavors.keys() >= {"transformers", "python_function"}
+    assert set(predicted["label"]) <= set(
+        json.loads((workflow.results("tiny") / "data/data.json").read_text())["labels"]
+    )
+    best = pd.read_csv(workflow.results("tiny") / "report/best_per_shots.csv")
+    champion = client.get_model_version_by_alias("tiny-k4", "champion")
+    assert champion.run_id == best.loc[0, "mlflow_run_id"]
 
 
 def test_a_second_run_has_nothing_to_do(workflow):
@@ -254,3 +300,46 @@ def test_a_combined_layer_plan_follows_the_weighted_layer_scores(tmp_path, tiny_
         expected.add(row.layer)
         count += row.numel
     assert frozen == expected
+
+
+def test_the_saved_model_predicts_with_transformers_pipeline_as_evaluate_scored_it(workflow):
+    """The model folder stands alone: ``transformers.pipeline`` loads it with its own tokenizer
+    and reproduces, on the test split, the accuracy ``evaluate`` reported. (With the blank
+    tokenizer transformers builds when none is saved, every word is [UNK] and it does not.)"""
+    from transformers import pipeline
+
+    run = workflow.results("tiny") / "runs/full/k4/seed0"
+    assert (run / "model/tokenizer.json").is_file()
+    test = pd.read_parquet(workflow.results("tiny") / "data/test.parquet")
+    classify = pipeline("text-classification", model=str(run / "model"), device="cpu")
+    predicted = [p["label"] for p in classify(test["text"].tolist(), truncation=True)]
+    accuracy = (pd.Series(predicted) == test["label"].to_numpy()).mean()
+    reported = json.loads((run / "metrics.json").read_text())["test_accuracy"]
+    assert accuracy == pytest.approx(reported, abs=1e-9)
+
+
+def test_adaptune_predict_writes_probabilities_that_reproduce_the_test_accuracy(
+    workflow, tmp_path, capsys
+):
+    from adaptune.cli import main
+
+    results = workflow.results("tiny")
+    test = pd.read_parquet(results / "data/test.parquet")
+    new = tmp_path / "new.csv"
+    test[["text"]].assign(id=test["example_id"]).to_csv(new, index=False)
+    out = tmp_path / "predictions.csv"
+    model = results / "runs/head_only/k4/seed0/model"
+    assert main(["predict", str(model), str(new), "-o", str(out)]) == 0
+    predictions = pd.read_csv(out)
+    labels = json.loads((results / "data/data.json").read_text())["labels"]
+    assert list(predictions.columns) == ["id", "predicted", "probability"] + [
+        f"p_{label}" for label in labels
+    ]
+    assert (predictions["id"] == test["example_id"]).all()
+    probabilities = predictions[[f"p_{label}" for label in labels]]
+    assert probabilities.sum(axis=1).round(5).eq(1).all()
+    accuracy = (predictions["predicted"] == test["label"].to_numpy()).mean()
+    reported = json.loads((model.parent / "metrics.json").read_text())["test_accuracy"]
+    assert accuracy == pytest.approx(reported, abs=1e-9)
+    assert main(["predict", str(model), str(tmp_path / "missing.csv")]) == 1
+    assert "missing.csv: no such file" in capsys.readouterr().err

@@ -141,8 +141,12 @@ def plot_confusion(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
     fig.savefig(path, dpi=130)
 
 
-def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -> None:
-    """Test macro-F1 (mean ± std over seeds) per strategy, one panel per shot count."""
+def plot_leaderboard(
+    summary: pd.DataFrame, path: str | Path, experiment: str, num_labels: int = 0
+) -> None:
+    """Test macro-F1 (mean ± std over seeds) per strategy, one panel per shot count; baselines
+    (no fine-tuning) hatched grey, and the macro-F1 of guessing uniformly at random
+    (1 / classes) as a dashed line."""
     shot_values = list(dict.fromkeys(summary["shots"]))
     fig = Figure(figsize=(4.5 * len(shot_values) + 1, 3.2 + 0.3 * summary["strategy"].nunique()))
     axes = fig.subplots(
@@ -153,14 +157,21 @@ def plot_leaderboard(summary: pd.DataFrame, path: str | Path, experiment: str) -
     )
     for ax, shots in zip(axes[0], shot_values, strict=True):
         part = summary[summary["shots"] == shots].sort_values("test_macro_f1_mean")
-        ax.barh(
+        baseline = part["trainable_fraction"].isna().to_numpy()
+        bars = ax.barh(
             part["strategy"],
             part["test_macro_f1_mean"],
             xerr=part["test_macro_f1_std"],
-            color="tab:blue",
+            color=["0.75" if b else "tab:blue" for b in baseline],
             alpha=0.8,
             capsize=3,
         )
+        for bar, is_baseline in zip(bars, baseline, strict=True):
+            if is_baseline:
+                bar.set_hatch("//")
+        if num_labels > 1:
+            ax.axvline(1 / num_labels, color="tab:red", linestyle="--", linewidth=1)
+            ax.text(1 / num_labels, -0.6, " chance", color="tab:red", fontsize=7, va="top")
         rows = zip(
             part["test_macro_f1_mean"],
             part["test_macro_f1_std"],
@@ -221,3 +232,31 @@ def plot_tradeoffs(board: pd.DataFrame, path: str | Path, experiment: str) -> No
     fig.suptitle(f"{experiment}: quality against cost (one point per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+
+
+def plot_curves(histories: pd.DataFrame, path: str | Path, experiment: str) -> None:
+    """Validation macro-F1 and training loss per epoch: one line per run, one colour per
+    strategy, one row of panels per shot count (``histories``: every run's history.csv with
+    its strategy, shots and seed)."""
+    shot_values = list(dict.fromkeys(histories["shots"]))
+    fig = Figure(figsize=(10, 3.2 * len(shot_values)))
+    axes = fig.subplots(len(shot_values), 2, squeeze=False)
+    palette = matplotlib.colormaps["tab20"].colors
+    colours = {
+        s: palette[i % len(palette)] for i, s in enumerate(dict.fromkeys(histories["strategy"]))
+    }
+    for row, shots in zip(axes, shot_values, strict=True):
+        part = histories[histories["shots"] == shots]
+        for (strategy, seed), run in part.groupby(["strategy", "seed"], sort=False):
+            label = strategy if seed == part[part["strategy"] == strategy]["seed"].min() else None
+            for ax, column in zip(row, ("val_macro_f1", "train_loss"), strict=True):
+                ax.plot(run["epoch"], run[column], color=colours[strategy], label=label, lw=1.2)
+        row[0].set_ylabel(f"{shots} shots\nval macro-F1")
+        row[1].set_ylabel("train loss")
+        for ax in row:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{experiment}: training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

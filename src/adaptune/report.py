@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
-from adaptune.figures import percent, plot_leaderboard, plot_tradeoffs
+from adaptune import tracking
+from adaptune.figures import percent, plot_curves, plot_leaderboard, plot_tradeoffs
+
+log = logging.getLogger(__name__)
 
 LEADERBOARD_COLUMNS = [
     "strategy",
@@ -43,6 +51,9 @@ def leaderboard(metric_files: Iterable[str | Path]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table = table[[c for c in LEADERBOARD_COLUMNS if c in table.columns]]
     table["shots"] = table["shots"].astype(str)
+    for column in ("best_val_macro_f1", "trainable_fraction", "trainable_params"):
+        if column in table.columns:
+            table[column] = pd.to_numeric(table[column])
     return (
         table.assign(_order=_shots_order(table["shots"]))
         .sort_values(
@@ -62,6 +73,7 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
         test_macro_f1_std=("test_macro_f1", "std"),
         test_accuracy_mean=("test_accuracy", "mean"),
         test_accuracy_std=("test_accuracy", "std"),
+        val_macro_f1_mean=("best_val_macro_f1", "mean"),
         trainable_fraction=("trainable_fraction", "mean"),
         train_seconds_mean=("train_seconds", "mean"),
     ).reset_index()
@@ -74,56 +86,122 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def best_per_shots(summary: pd.DataFrame) -> pd.DataFrame:
-    """The best strategy (mean test macro-F1) for each shot count, its margin over the
-    runner-up and over full fine-tuning where that ran."""
+def paired_difference(board: pd.DataFrame, shots: str, strategy: str, reference: str) -> dict:
+    """Test macro-F1 of ``strategy`` minus ``reference`` over the seeds both ran (paired by
+    seed): the mean difference, its 95% t-interval (none with one seed) and the seed count."""
+    part = board[board["shots"] == shots]
+    a = part[part["strategy"] == strategy].set_index("seed")["test_macro_f1"]
+    b = part[part["strategy"] == reference].set_index("seed")["test_macro_f1"]
+    diffs = (a - b).dropna()
+    n = len(diffs)
+    if n == 0:
+        return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = float(diffs.mean())
+    if n == 1:
+        return {"diff": mean, "low": float("nan"), "high": float("nan"), "n": 1}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n))
+    return {"diff": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def interval(d: dict) -> str:
+    """``+0.0123 [-0.004, +0.029], n=3`` (or ``n=1, no interval``)."""
+    if d["n"] == 0:
+        return "–"
+    if d["n"] == 1:
+        return f"{d['diff']:+.4f} (n=1, no interval)"
+    return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], n={d['n']}"
+
+
+def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
+    """For each shot count, the strategy selected on validation (highest mean best-epoch
+    validation macro-F1 over seeds; only fine-tuned strategies have one; ties go to the one
+    that trains fewer parameters), its test macro-F1,
+    the run (seed) whose model is the one to use, and its paired difference to full
+    fine-tuning across seeds. The test split plays no part in the choice."""
     rows = []
     for shots, part in summary.groupby("shots", sort=False):
-        ranked = part.sort_values("test_macro_f1_mean", ascending=False)
+        # Ties on validation go to the strategy that trains less, then to the name: never to
+        # the order of the test scores.
+        ranked = part.dropna(subset=["val_macro_f1_mean"]).sort_values(
+            ["val_macro_f1_mean", "trainable_fraction", "strategy"], ascending=[False, True, True]
+        )
+        if ranked.empty:
+            continue
         best = ranked.iloc[0]
-        full = part.loc[part["strategy"] == "full", "test_macro_f1_mean"]
+        runs = board[(board["shots"] == shots) & (board["strategy"] == best["strategy"])]
+        chosen = runs.sort_values(["best_val_macro_f1", "seed"], ascending=[False, True]).iloc[0]
+        versus = paired_difference(board, shots, best["strategy"], "full")
         rows.append(
             {
                 "shots": shots,
-                "best_strategy": best["strategy"],
+                "selected_strategy": best["strategy"],
+                "val_macro_f1_mean": best["val_macro_f1_mean"],
                 "test_macro_f1_mean": best["test_macro_f1_mean"],
                 "test_macro_f1_std": best["test_macro_f1_std"],
-                "runner_up": ranked.iloc[1]["strategy"] if len(ranked) > 1 else "",
-                "margin_over_runner_up": (
-                    best["test_macro_f1_mean"] - ranked.iloc[1]["test_macro_f1_mean"]
-                    if len(ranked) > 1
-                    else float("nan")
-                ),
-                "margin_over_full": (
-                    best["test_macro_f1_mean"] - full.iloc[0] if len(full) else float("nan")
-                ),
+                "seeds": int(best["seeds"]),
+                "runner_up_on_val": ranked.iloc[1]["strategy"] if len(ranked) > 1 else "",
+                "diff_vs_full": versus["diff"],
+                "diff_vs_full_low": versus["low"],
+                "diff_vs_full_high": versus["high"],
+                "model_seed": int(chosen["seed"]),
+                "mlflow_run_id": chosen.get("mlflow_run_id", ""),
             }
         )
     return pd.DataFrame(rows)
 
 
-def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> str:
-    lines = [f"# Leaderboard: {experiment}", "", "## Best strategy per shot count", ""]
-    lines += [
-        "| shots | best | test macro-F1 | runner-up | margin | margin over full |",
-        "|---|---|---:|---|---:|---:|",
-    ]
-    for r in best_per_shots(summary).itertuples(index=False):
-        lines.append(
-            f"| {r.shots} | {r.best_strategy} | {r.test_macro_f1_mean:.4f} ± "
-            f"{r.test_macro_f1_std:.4f} | {r.runner_up} | {r.margin_over_runner_up:+.4f} | "
-            f"{r.margin_over_full:+.4f} |"
+def headline(best: pd.DataFrame) -> list[str]:
+    """One sentence per shot count: what was selected on validation and how it did on test."""
+    lines = []
+    for r in best.itertuples(index=False):
+        versus = {"diff": r.diff_vs_full, "low": r.diff_vs_full_low, "high": r.diff_vs_full_high}
+        versus["n"] = r.seeds if not pd.isna(r.diff_vs_full) else 0
+        compared = (
+            "it is full fine-tuning"
+            if r.selected_strategy == "full"
+            else f"test macro-F1 minus full fine-tuning's: {interval(versus)}"
         )
-    lines += ["", "## Mean ± std over seeds", ""]
+        lines.append(
+            f"- **{r.shots} shots per class**: **{r.selected_strategy}** selected on validation "
+            f"(val macro-F1 {r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}"
+            f"{'' if r.seeds < 2 else f' ± {r.test_macro_f1_std:.4f} (std over {r.seeds} seeds)'}"
+            f"; {compared}."
+        )
+    return lines
+
+
+def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> str:
+    best = best_per_shots(summary, board)
+    lines = [f"# Leaderboard: {experiment}", "", "## Selected strategy per shot count", ""]
     lines += [
-        "| shots | strategy | seeds | test macro-F1 | test accuracy | trainable | train s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "Chosen on the validation split (mean best-epoch validation macro-F1 over seeds); the "
+        "test split is only reported. Differences to full fine-tuning are paired by seed, with "
+        "a 95% t-interval where there are several seeds.",
+        "",
+        *headline(best),
+    ]
+    lines += ["", "## Every strategy (mean ± std over seeds; n=1: one seed, no spread)", ""]
+    lines += [
+        "| shots | strategy | seeds | val macro-F1 | test macro-F1 | test accuracy | "
+        "vs full (paired) | trainable | train s |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in summary.itertuples(index=False):
+        acc_spread, f1_spread = (
+            (f" ± {r.test_accuracy_std:.4f}", f" ± {r.test_macro_f1_std:.4f}")
+            if r.seeds > 1
+            else ("", "")
+        )
+        val = "–" if pd.isna(r.val_macro_f1_mean) else f"{r.val_macro_f1_mean:.4f}"
+        paired = paired_difference(board, r.shots, r.strategy, "full")
+        versus = "–" if r.strategy == "full" else interval(paired)
         lines.append(
-            f"| {r.shots} | {r.strategy} | {r.seeds} | {r.test_macro_f1_mean:.4f} ± "
-            f"{r.test_macro_f1_std:.4f} | {r.test_accuracy_mean:.4f} ± {r.test_accuracy_std:.4f} "
-            f"| {percent(r.trainable_fraction)} | {r.train_seconds_mean:.1f} |"
+            f"| {r.shots} | {r.strategy} | {r.seeds} | {val} | {r.test_macro_f1_mean:.4f}"
+            f"{f1_spread} | {r.test_accuracy_mean:.4f}{acc_spread} | {versus} | "
+            f"{percent(r.trainable_fraction)} | "
+            f"{r.train_seconds_mean:.1f} |"
         )
     lines += ["", "## Every run", ""]
     lines += [
@@ -140,14 +218,124 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def run_report(metric_files: list[str], experiment: str, outputs: dict[str, str]) -> pd.DataFrame:
-    """The ``report`` stage: leaderboard CSV and markdown, summary over seeds, and a plot."""
+def run_histories(metric_files: Iterable[str | Path]) -> pd.DataFrame:
+    """Every fine-tuning run's ``history.csv`` (beside its ``metrics.json``), with its strategy,
+    shots and seed; baselines have none."""
+    frames = []
+    for path in metric_files:
+        history = Path(path).with_name("history.csv")
+        if history.is_file():
+            row = json.loads(Path(path).read_text())
+            frames.append(
+                pd.read_csv(history).assign(
+                    strategy=row["strategy"], shots=str(row["shots"]), seed=row["seed"]
+                )
+            )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def html_page(markdown_lines: str, best: pd.DataFrame, config: Mapping[str, Any]) -> str:
+    """The leaderboard as one page that stands alone (what ``snakemake --report`` shows):
+    the headline, the tables and the experiment's config."""
+    import html
+
+    body, table = [], []
+
+    def flush() -> None:
+        if table:
+            head, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+            cells = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            out = [f"<table><tr>{cells}</tr>"]
+            for r in rows[1:]:
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+            body.append("".join(out) + "</table>")
+            table.clear()
+
+    for line in markdown_lines.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        text = html.escape(line)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        if line.startswith("# "):
+            body.append(f"<h1>{text[2:]}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{text[3:]}</h2>")
+        elif line.startswith("- "):
+            body.append(f"<p class=headline>{text[2:]}</p>")
+        elif line:
+            body.append(f"<p>{text}</p>")
+    flush()
+    body.append("<h2>Config</h2><pre>" + html.escape(yaml.safe_dump(dict(config))) + "</pre>")
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;max-width:70em}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
+        "padding:2px 8px;text-align:right}th{background:#eee}td:nth-child(-n+2){text-align:left}"
+        ".headline{font-size:1.1em;background:#eef6ee;padding:6px}"
+    )
+    return f"<!doctype html><meta charset=utf-8><style>{style}</style>" + "".join(body) + "\n"
+
+
+def register_champions(
+    best: pd.DataFrame, run_folders: Mapping[tuple, Path], experiment: Mapping[str, str]
+) -> None:
+    """The selected run of each shot count becomes the ``champion`` of the registered model
+    ``<experiment>-k<shots>``."""
+    for r in best.itertuples(index=False):
+        folder = run_folders[(r.selected_strategy, str(r.shots), r.model_seed)]
+        summary = json.loads((folder / "train_summary.json").read_text())
+        if not summary.get("mlflow_model_uri"):
+            continue
+        name = f"{experiment['experiment_name']}-k{r.shots}"
+        version = tracking.register_champion(
+            experiment["tracking_uri"],
+            name,
+            summary["mlflow_model_uri"],
+            summary["mlflow_run_id"],
+            f"{r.selected_strategy}, seed {r.model_seed}: selected on validation "
+            f"(val macro-F1 {r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}",
+        )
+        log.info("registered model %s version %d is now @%s", name, version, tracking.CHAMPION)
+
+
+def run_report(
+    metric_files: list[str],
+    experiment: str,
+    outputs: dict[str, str],
+    config: Mapping[str, Any] | None = None,
+    experiment_path: str | None = None,
+) -> pd.DataFrame:
+    """The ``report`` stage: leaderboard CSV and markdown, a page that stands alone (headline,
+    tables, config), summary over seeds, the selected strategy per shot count (registered as
+    ``champion`` when ``experiment_path`` names the MLflow experiment), and plots."""
     board = leaderboard(metric_files)
     summary = summarise(board)
+    best = best_per_shots(summary, board)
+    run_folders = {}
+    for path in metric_files:
+        row = json.loads(Path(path).read_text())
+        run_folders[(row["strategy"], str(row["shots"]), row.get("seed", 0))] = Path(path).parent
+        num_labels = len(row.get("per_class", {}))
+    best["model_dir"] = [
+        str(run_folders[(r.selected_strategy, str(r.shots), r.model_seed)] / "model")
+        for r in best.itertuples(index=False)
+    ]
     board.to_csv(outputs["leaderboard"], index=False)
     summary.to_csv(outputs["summary"], index=False)
-    Path(outputs["markdown"]).write_text(to_markdown(board, summary, experiment))
-    plot_leaderboard(summary, outputs["plot"], experiment)
+    markdown = to_markdown(board, summary, experiment)
+    Path(outputs["markdown"]).write_text(markdown)
+    Path(outputs["page"]).write_text(html_page(markdown, best, config or {}))
+    plot_leaderboard(summary, outputs["plot"], experiment, num_labels)
     plot_tradeoffs(board, outputs["tradeoffs"], experiment)
-    best_per_shots(summary).to_csv(outputs["best"], index=False)
+    histories = run_histories(metric_files)
+    if not histories.empty:
+        plot_curves(histories, outputs["curves"], experiment)
+    else:
+        Path(outputs["curves"]).touch()
+    best.to_csv(outputs["best"], index=False)
+    for line in headline(best):
+        log.info("%s", line.replace("**", ""))
+    if experiment_path is not None:
+        register_champions(best, run_folders, tracking.read_experiment(experiment_path))
     return board

@@ -31,7 +31,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,8 @@ KEY_TAG, WORKSPACE_TAG, SUPERSEDED_TAG = (
     "adaptune.workspace",
     "adaptune.superseded_by",
 )
+EXPERIMENT_KIND = "mlflow.experimentKind"
+CHAMPION = "champion"  # the Model Registry alias of the strategy selected per shot count
 # Fail in seconds when a tracking server is down, not after MLflow's default 7 retries with
 # backoff (about 4 minutes); a user's own settings of these variables win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -56,7 +58,14 @@ class Interrupted(BaseException):
 
 def _is_transient(err: Exception) -> bool:
     text = str(err).lower()
-    return "database is locked" in text or "database table is locked" in text or "busy" in text
+    # Parallel jobs logging the same dataset race to insert it; a retry finds it there.
+    racing = "unique constraint failed: datasets" in text
+    return (
+        racing
+        or "database is locked" in text
+        or "database table is locked" in text
+        or ("busy" in text)
+    )
 
 
 def retrying(call: Callable[..., T], attempts: int = 8) -> Callable[..., T]:
@@ -165,6 +174,10 @@ def ensure_experiment(
         else:
             experiment_id = experiment.experiment_id
             log.info("MLflow experiment %r (%s) exists in %s", name, experiment_id, tracking_uri)
+        # The UI then opens the experiment on its runs table, not on the GenAI overview.
+        retrying(client.set_experiment_tag)(
+            experiment_id, EXPERIMENT_KIND, "custom_model_development"
+        )
     except ConfigError:
         raise
     except Exception as err:
@@ -217,6 +230,39 @@ class Run:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         retrying(self.client.log_artifact)(self.run_id, str(path), folder)
+
+    def log_steps(self, rows: Sequence[Mapping[str, float]]) -> None:
+        """Per-step metrics: each row's ``step`` and its other values."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k != "step"
+        ]
+        for start in range(0, len(batch), 1000):
+            retrying(self.client.log_batch)(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_dict(self, values: Mapping[str, Any], name: str) -> None:
+        retrying(self.client.log_dict)(self.run_id, dict(values), name)
+
+    def log_dataset(self, frame: Any, name: str, source: str, digest: str, context: str) -> None:
+        """``frame`` as an MLflow dataset input of the run (the Datasets column), named and
+        fingerprinted as ``data.json`` knows it."""
+        import mlflow.data
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = mlflow.data.from_pandas(
+            frame, source=LocalArtifactDatasetSource(source), name=name, digest=digest[:36]
+        )
+        entity = DatasetInput(
+            dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        )
+        retrying(self.client.log_inputs)(self.run_id, datasets=[entity])
 
 
 @contextlib.contextmanager
@@ -283,6 +329,102 @@ def _supersede(client: Any, experiment: Mapping[str, str], key: str, current: st
             old.info.status,
             current,
         )
+
+
+def log_flavor_model(
+    log_model: Callable[..., Any],
+    run_id: str,
+    tracking_uri: str,
+    packages: Sequence[str],
+    **kwargs: Any,
+) -> str:
+    """Log a model into run ``run_id`` with an MLflow flavor's ``log_model``; its requirements
+    are the installed versions of torch, adaptune and ``packages`` (not inferred: inferring
+    loads the model in a subprocess). Returns the logged model's URI."""
+    import importlib.metadata
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    # The logged model belongs to the run's experiment (and its artifact location), not to
+    # whichever experiment is active in this process.
+    run = retrying(_client(tracking_uri).get_run)(run_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", *packages)]
+    info = retrying(log_model)(name="model", run_id=run_id, pip_requirements=pins, **kwargs)
+    return str(info.model_uri)
+
+
+def register_champion(
+    tracking_uri: str, name: str, model_uri: str, run_id: str, description: str
+) -> int:
+    """Register ``model_uri`` as a version of the registered model ``name`` (once: a version
+    of the same run is reused) and point its ``champion`` alias at it; returns the version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)  # the registry resolves models:/ URIs through it
+    client = _client(tracking_uri)
+    if not retrying(client.search_registered_models)(f"name = '{name}'"):
+        retrying(client.create_registered_model)(name)
+    versions = retrying(client.search_model_versions)(f"name = '{name}' and run_id = '{run_id}'")
+    if versions:
+        version = versions[0]
+    else:
+        version = retrying(client.create_model_version)(
+            name, model_uri, run_id=run_id, description=description
+        )
+    retrying(client.set_registered_model_alias)(name, CHAMPION, str(version.version))
+    return int(version.version)
+
+
+def source_tags(stage: str, description: str) -> dict[str, str]:
+    """What made a run: the stage (MLflow's Source column), the git commit of the working
+    folder (with ``adaptune.git_dirty`` when it has uncommitted changes) and a description
+    (the run page's Description)."""
+    import subprocess
+
+    import adaptune
+
+    tags = {
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": f"snakemake rule {stage} (adaptune {adaptune.__version__})",
+        "mlflow.note.content": description,
+    }
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        tags["adaptune.git_dirty"] = str(bool(status.stdout.strip())).lower()
+    return tags
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, tracking_uri: str, interval: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk (and GPU, where there is one) sampled into the run while the block
+    runs (MLflow's ``system/...`` metrics)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, interval, tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception as err:  # no psutil, or the monitor cannot start: train anyway
+        log.warning("no system metrics for this run: %s", err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def existing_run(experiment: Mapping[str, str], run_id: str) -> Run:

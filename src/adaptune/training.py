@@ -56,6 +56,7 @@ class TrainResult:
     best_val_macro_f1: float
     train_seconds: float
     optimizer_groups: int
+    warnings: list[str]
 
 
 def cache_limit_bytes() -> int:
@@ -159,6 +160,28 @@ class PrefixState:
             self.cache = None
 
 
+FEW_STEPS = 20  # fewer optimizer steps than this in a run: its result says little
+
+
+def training_warnings(steps: int, final_train_loss: float, num_labels: int) -> list[str]:
+    """What a user should know before trusting a run: it took very few optimizer steps, or its
+    training loss ended near chance (the cross-entropy of a uniform guess, ln(classes))."""
+    warnings = []
+    if steps < FEW_STEPS:
+        warnings.append(
+            f"only {steps} optimizer steps in the whole run (fewer than {FEW_STEPS}): raise "
+            "train.epochs or lower train.batch_size"
+        )
+    chance = float(np.log(num_labels))
+    if num_labels > 1 and final_train_loss >= 0.9 * chance:
+        warnings.append(
+            f"the training loss ended at {final_train_loss:.3f}, near chance "
+            f"(ln {num_labels} = {chance:.3f}): the model learned little; check train.lr and "
+            "train.epochs"
+        )
+    return warnings
+
+
 def finetune(
     task: TaskModel,
     plan: Plan,
@@ -170,6 +193,7 @@ def finetune(
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     workers: int = 0,
+    on_steps: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
     """Train ``task.model`` in place under ``plan``; on return it holds the weights of the epoch
     with the best validation macro-F1 (ties: the earlier epoch).
@@ -178,7 +202,9 @@ def finetune(
     ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
     stay in eval mode, so their running statistics stay the pretrained ones too. Where the
     bottom of the network is frozen, it is computed once (:mod:`adaptune.prefix`). ``workers``
-    processes prepare the training batches.
+    processes prepare the training batches. ``on_epoch`` receives each epoch's row of the
+    history; ``on_steps``, after each epoch, its optimizer steps (``step`` counted over the
+    run, ``train_loss_step``, and ``lr``: the base rate that step used).
     """
     seed_everything(seed)
     model = task.model
@@ -219,12 +245,13 @@ def finetune(
         if plan.totals["scheduled_tensors"]:
             apply_plan(model, plan, epoch)
             log.info("epoch %d: %d tensors train", epoch, sum(p.requires_grad for p in trainable))
+        start = time.perf_counter()  # training time includes building the frozen-prefix cache
         cache = prefix.refresh()
         model.train()
         if settings.frozen_batchnorm == "eval":
             set_frozen_batchnorm_eval(model)
-        start = time.perf_counter()
         losses = []
+        steps: list[dict[str, float]] = []
         train_examples.set_epoch(epoch)
         epoch_batches = loader(
             train_examples,
@@ -250,8 +277,12 @@ def finetune(
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
                 optimizer.step()
+                rate = settings.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
                 scheduler.step()
                 losses.append(float(loss.detach()))
+                steps.append(
+                    {"step": scheduler.last_epoch, "train_loss_step": losses[-1], "lr": rate}
+                )
         train_seconds += time.perf_counter() - start
         val_logits = predict(
             task,
@@ -274,8 +305,8 @@ def finetune(
             ),
             "val_accuracy": scores["accuracy"],
             "val_macro_f1": scores["macro_f1"],
-            # The base rate after the schedule; each group trains at this x its multiplier.
-            "lr": settings.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
+            # The base rate of the epoch's last step; each group trains at this x its multiplier.
+            "lr": steps[-1]["lr"],
             "epoch_seconds": time.perf_counter() - start,
         }
         history.append(row)
@@ -287,6 +318,8 @@ def finetune(
             row["val_accuracy"],
             row["val_macro_f1"],
         )
+        if on_steps is not None:
+            on_steps(steps)
         if on_epoch is not None:
             on_epoch(row)
         if best is None or row["val_macro_f1"] > best[0]:
@@ -300,6 +333,9 @@ def finetune(
         "best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(trainable)
     )
     hooks.finish(run)
+    warnings = training_warnings(
+        steps_per_epoch * settings.epochs, history[-1]["train_loss"], int(val_logits.shape[1])
+    )
     return TrainResult(
         history=pd.DataFrame(history),
         trainable_params=hooks.trained_params(sum(p.numel() for p in trainable)),
@@ -307,7 +343,26 @@ def finetune(
         best_val_macro_f1=best[0],
         train_seconds=train_seconds,
         optimizer_groups=len(groups),
+        warnings=warnings,
     )
+
+
+def scalar_columns(frame: pd.DataFrame) -> list[str]:
+    """The columns of a prepared split that hold one number or string per example (not token
+    arrays or image bytes): what its MLflow dataset input describes."""
+    first = frame.iloc[0] if len(frame) else {}
+    return [c for c in frame.columns if not isinstance(first[c], bytes | np.ndarray | list)]
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as MLflow params: ``{"a": {"b": 1}}`` is ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @dataclass(frozen=True)
@@ -335,10 +390,14 @@ def run_finetune(
     experiment_path: str,
     artifacts: dict[str, str],
     outputs: dict[str, str],
+    resolved: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """The ``finetune`` stage: load the pretrained model with a new head (from the run's seed),
-    apply the plan, train, and save the best checkpoint, the history, a summary and the MLflow
-    run id. ``artifacts`` are extra files logged to the run (the importance table)."""
+    apply the plan, train, and save the best checkpoint (a folder its own library loads), the
+    history, a summary and the MLflow run id. ``artifacts`` are extra files logged to the run
+    (the importance table); ``resolved`` the settings of the stages before it (``data``,
+    ``importance``), logged with the run's own as its resolved config."""
+    resolved = resolved or {}
     info = read_data_info(data_info_path)
     plan = Plan.load(plan_path)
     device = select_device(settings.device)
@@ -346,14 +405,32 @@ def run_finetune(
     task = modality.load_pretrained(model, info["labels"], key.seed, info)
     experiment = tracking.read_experiment(experiment_path)
     run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
+    description = (
+        f"{model.name} fine-tuned with strategy {key.strategy!r} ({plan.kind}) on "
+        f"{key.shots} examples per class of {info['source']}, seed {key.seed}; "
+        f"{plan.totals['trainable_tensors']} of {plan.totals['tensors']} tensors train."
+    )
     tags = {
         "strategy": key.strategy,
         "shots": key.shots,
         "seed": str(key.seed),
+        # the seeds of one strategy and shot count: group the runs table by this tag
+        "adaptune.group": f"{key.strategy}/k{key.shots}",
         "data_fingerprint": info["fingerprint"],
         "stage": "finetune",
+        **tracking.source_tags("finetune", description),
     }
-    with tracking.start_run(experiment, key.tracking_key, run_name, tags) as run:
+    config = {
+        "model": vars(model),
+        "data": {**resolved.get("data", {}), "shots": key.shots},
+        "importance": resolved.get("importance", {}),
+        "strategy": {"name": key.strategy, "kind": plan.kind, **plan.settings},
+        "train": {**vars(settings), "device": str(device), "seed": key.seed},
+    }
+    with (
+        tracking.start_run(experiment, key.tracking_key, run_name, tags) as run,
+        tracking.system_metrics(run.run_id, experiment["tracking_uri"]),
+    ):
         Path(outputs["run_id"]).write_text(run.run_id + "\n")
         run.log_params(
             {
@@ -362,29 +439,48 @@ def run_finetune(
                 "plan_kind": plan.kind,
                 "shots": key.shots,
                 "seed": key.seed,
-                "device": str(device),
                 "data_source": info["source"],
                 "modality": info["modality"],
                 **({"max_length": info["max_length"]} if "max_length" in info else {}),
                 **({"model_weights": model.weights} if model.weights else {}),
                 **({"input_size": info["transform"]["input_size"]} if "transform" in info else {}),
-                **{k: v for k, v in vars(settings).items() if k != "device"},
+                **vars(settings),
+                "device": str(device),  # what ran, not what was asked for ("auto")
+                **flatten({k: config[k] for k in ("data", "importance", "strategy")}),
             }
         )
+        run.log_dict(config, "config.json")
+        train_frame, val_frame = read_split(train_path), read_split(val_path)
+        for frame, context in ((train_frame, "train"), (val_frame, "validation")):
+            run.log_dataset(
+                frame[scalar_columns(frame)],
+                name=f"{info['source']} {context} k{key.shots}",
+                source=info["source"],
+                digest=info["fingerprint"],
+                context=context,
+            )
         result = finetune(
             task,
             plan,
-            read_split(train_path),
-            read_split(val_path),
+            train_frame,
+            val_frame,
             settings,
             key.seed,
             info,
             device,
             on_epoch=lambda row: run.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+                {k: v for k, v in row.items() if k not in ("epoch", "lr")}, step=int(row["epoch"])
             ),
+            on_steps=run.log_steps,
         )
+        for warning in result.warnings:
+            log.warning("%s", warning)
+        if result.warnings:
+            run.set_tags({"adaptune.warnings": " | ".join(result.warnings)})
         modality.save(task, outputs["model"], model, info)
+        model_uri = modality.log_model(
+            outputs["model"], run.run_id, experiment["tracking_uri"], train_frame.head(2)
+        )
         result.history.to_csv(outputs["history"], index=False)
         summary = {
             "strategy": key.strategy,
@@ -399,6 +495,8 @@ def run_finetune(
             "optimizer_groups": result.optimizer_groups,
             "device": str(device),
             "mlflow_run_id": run.run_id,
+            "mlflow_model_uri": model_uri,
+            "warnings": result.warnings,
         }
         Path(outputs["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
         # What actually trained (LoRA adapters, ChildTuning-D's share), known after training.

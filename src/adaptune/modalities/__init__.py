@@ -27,6 +27,7 @@ __all__ = [
     "all_modalities",
     "choose",
     "get",
+    "saved_in",
 ]
 
 
@@ -80,3 +81,17 @@ def choose(data: DataSettings, model: ModelSettings, baselines: list[str] = ()) 
             f"{', '.join(modality.baselines) or 'none'}"
         )
     return modality
+
+
+def saved_in(directory: str | Path) -> Modality:
+    """The modality whose :meth:`Modality.save` wrote the model folder ``directory``."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such model folder")
+    for modality in all_modalities().values():
+        if modality.saved_here(folder):
+            return modality
+    raise ConfigError(
+        f"{folder}: not a model folder the finetune stage wrote "
+        "(results/<experiment>/runs/<strategy>/k<shots>/seed<seed>/model)"
+    )

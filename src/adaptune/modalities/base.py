@@ -229,3 +229,28 @@ class Modality(ABC):
     @abstractmethod
     def load_finetuned(self, directory: str | Path) -> TaskModel:
         """A model saved by :meth:`save`."""
+
+    @abstractmethod
+    def saved_here(self, directory: Path) -> bool:
+        """Whether ``directory`` holds a model :meth:`save` wrote."""
+
+    @abstractmethod
+    def read_inputs(self, source: Path, column: str | None) -> pd.DataFrame:
+        """New, unlabelled inputs to predict: an ``id`` column and what :meth:`predict`
+        takes (``input``), read from a CSV (``column`` names its input column) or, where the
+        modality has one, a folder."""
+
+    @abstractmethod
+    def predict(
+        self, directory: str | Path, inputs: Sequence[Any], batch_size: int = 32
+    ) -> tuple[list[str], np.ndarray]:
+        """The saved model's labels and its class probabilities (inputs x labels) for
+        ``inputs``, preprocessed exactly as ``evaluate`` preprocessed the test split."""
+
+    @abstractmethod
+    def log_model(
+        self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
+    ) -> str:
+        """Log the saved model to the MLflow run with its own library's flavor, a signature
+        and an input example (made from ``example``, a few rows of a prepared split); returns
+        the logged model's URI."""

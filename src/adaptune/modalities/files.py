@@ -49,6 +49,21 @@ def read_csv(path: Path, encoding: str, columns_as_text: list[str]) -> pd.DataFr
         raise DataError(f"{path}: not a well-formed CSV: {err}") from err
 
 
+def read_input_table(path: Path, column: str, what: str, encoding: str = "utf-8") -> pd.DataFrame:
+    """New inputs to predict from a CSV: ``id`` (its ``id`` column, else the row number) and
+    ``input`` (its ``column``)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected {what})")
+    frame = read_csv(path, encoding, [column])
+    if column not in frame.columns:
+        raise DataError(
+            f"{path}: no column {column!r}; its columns are {list(frame.columns)} "
+            "(name the input column with --column)"
+        )
+    ids = frame["id"] if "id" in frame.columns else pd.Series(range(len(frame)))
+    return pd.DataFrame({"id": ids.to_numpy(), "input": frame[column].to_numpy()})
+
+
 def files_under(folder: str | Path) -> list[Path]:
     """Every file under ``folder``, recursively, in a stable order (hidden ones skipped)."""
     root = Path(folder)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from adaptune.errors import DataError
 from adaptune.modalities.base import (
     Baseline,
     Batch,
@@ -30,8 +31,9 @@ from adaptune.modalities.base import (
     TaskModel,
     installed_version,
 )
-from adaptune.modalities.files import local_file
+from adaptune.modalities.files import files_under, local_file, read_input_table
 from adaptune.settings import DataSettings, ModelSettings
+from adaptune.tracking import log_flavor_model
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,93 @@ class ImageModality(Modality):
 
         network, head = models.load_saved_classifier(directory)
         return TaskModel(network, head, self)
+
+    def saved_here(self, directory: Path) -> bool:
+        return (directory / SAVED_MODEL_FILE).is_file()
+
+    def read_inputs(self, source: Path, column: str | None) -> pd.DataFrame:
+        """A folder (every image file under it, its relative path as ``id``) or a CSV whose
+        ``column`` (default ``image``) holds paths, relative to the CSV's folder."""
+        if source.is_dir():
+            files = [f for f in files_under(source) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise DataError(f"{source}: no image files ({kinds}) in it")
+            ids = [str(f.relative_to(source)) for f in files]
+            return pd.DataFrame({"id": ids, "input": [str(f) for f in files]})
+        table = read_input_table(source, column or "image", "a CSV of image paths, or a folder")
+        table["input"] = [str(source.parent / p) for p in table["input"]]  # absolute paths stay
+        return table
+
+    def predict(
+        self, directory: str | Path, inputs: Sequence[Any], batch_size: int = 32
+    ) -> tuple[list[str], np.ndarray]:
+        """Each image file decoded, shrunk and transformed as ``prepare_data`` and
+        ``evaluate`` do for the test split."""
+        import json
+
+        import torch
+
+        from adaptune.modalities.image import models
+        from adaptune.modalities.image.sources import encode_images, open_image
+        from adaptune.modalities.image.transforms import ImageTransform, image_tensor
+
+        saved = json.loads((Path(directory) / SAVED_MODEL_FILE).read_text())
+        transform = ImageTransform.from_dict(saved["transform"])
+        network, _ = models.load_saved_classifier(directory)
+        network.eval()
+        probabilities = []
+        for start in range(0, len(inputs), batch_size):
+            images = [open_image(Path(p)) for p in inputs[start : start + batch_size]]
+            cached = encode_images(pd.DataFrame({"image": images}), transform)
+            pixels = torch.stack(
+                [
+                    image_tensor(row.image, row.height, row.width, transform)
+                    for row in cached.itertuples()
+                ]
+            )
+            with torch.no_grad():
+                probabilities.append(network(pixels).float().softmax(-1).numpy())
+        return list(saved["labels"]), (
+            np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
+        )
+
+    def log_model(
+        self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
+    ) -> str:
+        """``mlflow.pytorch``: the whole network (loading it needs adaptune's architectures:
+        torchvision or timm); normalised float images (N, 3, H, W) in, logits out."""
+        import json
+
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from adaptune.modalities.image import models
+        from adaptune.modalities.image.transforms import ImageTransform, image_tensor
+
+        saved = json.loads((Path(directory) / SAVED_MODEL_FILE).read_text())
+        height, width = saved["transform"]["input_size"]
+        transform = ImageTransform.from_dict(saved["transform"])
+        pixels = torch.stack(
+            [image_tensor(r.image, r.height, r.width, transform) for r in example.itertuples()]
+        )
+        network, _ = models.load_saved_classifier(directory)
+        network.eval()
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, height, width))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(saved["labels"])))]),
+        )
+        return log_flavor_model(
+            mlflow.pytorch.log_model,
+            run_id,
+            tracking_uri,
+            ("torchvision", "timm", "adaptune"),
+            pytorch_model=network,
+            signature=signature,
+            input_example=pixels.numpy(),
+        )
 
 
 MODALITY = ImageModality()

@@ -27,9 +27,10 @@ from adaptune.modalities.base import (
     TaskModel,
     installed_version,
 )
-from adaptune.modalities.files import local_file
+from adaptune.modalities.files import local_file, read_input_table
 from adaptune.modalities.text import models, sources
 from adaptune.settings import DataSettings, ModelSettings
+from adaptune.tracking import log_flavor_model
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,73 @@ class TextModality(Modality):
     def save(
         self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
     ) -> None:
+        """A Hugging Face folder that loads and predicts on its own: the weights, the config
+        (with the labels) and the tokenizer, truncating at the ``max_length`` the run trained
+        with, so ``transformers.pipeline("text-classification", model=directory)`` works."""
         models.save_classifier(task.model, directory)
+        tokenizer = models.load_tokenizer(model.name)
+        tokenizer.model_max_length = int(info["max_length"])
+        tokenizer.save_pretrained(str(directory))
 
     def load_finetuned(self, directory: str | Path) -> TaskModel:
         network = models.load_saved_classifier(directory)
         return TaskModel(network, models.find_head(network, network.config.num_labels), self)
+
+    def saved_here(self, directory: Path) -> bool:
+        return (directory / "config.json").is_file() and (
+            directory / "tokenizer_config.json"
+        ).is_file()
+
+    def read_inputs(self, source: Path, column: str | None) -> pd.DataFrame:
+        return read_input_table(source, column or "text", "a CSV with a column of texts")
+
+    def predict(
+        self, directory: str | Path, inputs: Sequence[Any], batch_size: int = 32
+    ) -> tuple[list[str], np.ndarray]:
+        """Tokenized by the model folder's own tokenizer, truncated where training truncated."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        network = models.load_saved_classifier(directory).eval()
+        probabilities = []
+        for start in range(0, len(inputs), batch_size):
+            encoded = tokenizer(
+                [str(text) for text in inputs[start : start + batch_size]],
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+            )
+            with torch.no_grad():
+                probabilities.append(network(**encoded).logits.float().softmax(-1).numpy())
+        labels = [network.config.id2label[i] for i in range(network.config.num_labels)]
+        return labels, np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
+
+    def log_model(
+        self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
+    ) -> str:
+        """``mlflow.transformers``: the saved folder as a ``text-classification`` pipeline;
+        strings in, a label and its score out. (MLflow's log-from-a-folder path does not work
+        with transformers 5, so the pipeline is loaded from the folder.)"""
+        import mlflow.transformers
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+        from transformers import pipeline
+
+        models._quiet_transformers()
+        classify = pipeline("text-classification", model=str(directory), tokenizer=str(directory))
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+        )
+        return log_flavor_model(
+            mlflow.transformers.log_model,
+            run_id,
+            tracking_uri,
+            ("transformers", "tokenizers", "safetensors"),
+            transformers_model=classify,
+            signature=signature,
+            input_example=example["text"].astype(str).tolist(),
+        )
 
 
 MODALITY = TextModality()
