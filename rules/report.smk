@@ -6,11 +6,24 @@ localrules:
     report,
 
 
+# The report's first page: the workflow's description, and once the report stage has run, its
+# headline result (written by that stage beside the leaderboard).
+DESCRIPTION = Path(workflow.basedir) / "report/workflow.rst"
+
+
+report:
+    str(Path(REPORT / "workflow.rst").resolve())
+    if Path(REPORT / "workflow.rst").exists()
+    else str(DESCRIPTION)
+
+
 rule report:
     input:
         metrics=all_run_metrics(),
         experiment=ancient(EXP / "mlflow_experiment.json"),
+        description=DESCRIPTION,
     output:
+        first_page=REPORT / "workflow.rst",
         page=report(
             REPORT / "leaderboard.html",
             caption="../report/headline.rst",
@@ -50,3 +63,17 @@ rule report:
         config=config,
     script:
         "../scripts/report.py"
+
+
+onsuccess:
+    # Where to look, after a run that did something or found everything up to date.
+    if Path(REPORT / "leaderboard.md").exists():
+        given = [f"--configfile {f}" for f in workflow.overwrite_configfiles or []]
+        store = config["mlflow"]["tracking_uri"]
+        print(
+            f"\nadaptune: results of '{EXPERIMENT}' are in {EXP}/",
+            f"  leaderboard: {REPORT / 'leaderboard.md'} (the selected strategy first)",
+            f"  report:      {' '.join(['snakemake', *given, '--report report.html'])}",
+            f"  MLflow:      mlflow ui --backend-store-uri {store} --host 127.0.0.1",
+            sep="\n",
+        )

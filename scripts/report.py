@@ -15,4 +15,5 @@ with to_log_file(snakemake.log[0]):
         dict(snakemake.output.items()),
         config=snakemake.params.config,
         experiment_path=snakemake.input.experiment,
+        description=snakemake.input.description,
     )

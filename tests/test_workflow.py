@@ -3,7 +3,9 @@ config changes (dry runs against the finished results)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import sqlite3
 
 import pandas as pd
@@ -269,6 +271,24 @@ def test_snakemake_report_has_the_plots_with_captions(workflow):
     html = (workflow.root / "report.html").read_text(errors="replace")
     assert "Quality against cost" in html and "Freeze plan" in html
     assert "Confusion matrix on the test split" in html
+
+
+def test_the_report_of_an_experiment_given_with_configfile_stands_alone(changed, workflow):
+    """``--report`` for a ``--configfile`` experiment while config/config.yaml names another
+    (whose results do not exist): the headline, tables and curves of the one asked for."""
+    other = workflow.root / "other.yaml"
+    other.write_text((workflow.root / "config/config.yaml").read_text())
+    changed(lambda c: c.update(experiment="never-run"))
+    result = workflow.run("--configfile", "other.yaml", "--report", "other.html")
+    assert "Report created" in result.stdout + result.stderr
+    html = (workflow.root / "other.html").read_text(errors="replace")
+    embedded = dict(
+        re.findall(r'"data_uri": "data:[^;]*;charset=utf8;filename=([^;]+);base64,([^"]+)"', html)
+    )
+    page = base64.b64decode(embedded["leaderboard.html"]).decode()
+    for text in ("selected on validation", "Every run", "tfidf_logreg", "<table>", "Config"):
+        assert text in page, text
+    assert "Validation macro-F1 (left)" in html  # the curves' caption
 
 
 def test_a_combined_layer_plan_follows_the_weighted_layer_scores(tmp_path, tiny_bert_dir):

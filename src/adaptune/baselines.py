@@ -45,7 +45,14 @@ def run_baseline(
     )
     classifier = model[-1]
     experiment = tracking.read_experiment(experiment_path)
-    tags = {"strategy": name, "shots": shots, "seed": "0", "stage": "baseline"}
+    description = f"{name} on {shots} examples per class of {info['source']}: no fine-tuning"
+    tags = {
+        "strategy": name,
+        "shots": shots,
+        "seed": "0",
+        "stage": "baseline",
+        **tracking.source_tags("fit_baseline", description),
+    }
     key = f"{name}/k{shots}"
     with tracking.start_run(experiment, key, f"{name}-k{shots}", tags) as run:
         metrics = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from adaptune.figures import plot_confusion
 from adaptune.modalities import Examples, TaskModel
 from adaptune.prefix import PrefixCache
 from adaptune.runtime import autocast, select_device
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -140,6 +143,18 @@ def save_evaluation(
     """Write a run's test results: ``metrics`` (JSON), ``per_class`` and ``confusion`` (CSV)
     and ``confusion_png``."""
     Path(outputs["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "%s: test accuracy %.4f, macro-F1 %.4f, loss %.4f on %d examples; weakest class %s "
+        "(F1 %.4f); written to %s",
+        title,
+        metrics["test_accuracy"],
+        metrics["test_macro_f1"],
+        metrics["test_loss"],
+        metrics["test_examples"],
+        per_class.loc[per_class["f1"].idxmin(), "label"],
+        per_class["f1"].min(),
+        outputs["metrics"],
+    )
     per_class.to_csv(outputs["per_class"], index=False)
     matrix.to_csv(outputs["confusion"])
     plot_confusion(matrix, outputs["confusion_png"], title)

@@ -33,34 +33,62 @@ def plot_heatmap(
     layers: pd.DataFrame, metrics: Sequence[str], path: str | Path, title: str = ""
 ) -> None:
     """Metric x layer heatmap of per-element scores (``<metric>_per_element`` of each of
-    ``metrics``) relative to each metric's largest layer.
+    ``metrics``) relative to each metric's largest *pretrained* layer.
 
-    The colour scale is logarithmic (1 down to 1e-3 and below): the new head's gradient is often
-    orders of magnitude above the body's, and a linear scale would hide the body's ordering.
+    The new head is not part of the scale (its gradient is often orders of magnitude above the
+    body's and would push every body cell to the floor): its cells say how many times the top
+    body layer it is. The colour scale is logarithmic (1 down to 1e-3). A negative score (a
+    Hutchinson trace estimate below zero) is drawn in red and marked "neg", not clipped to the
+    floor; a trace estimate within two standard errors of zero is marked "?" (noise).
     """
+    if "layer_kind" in layers.columns:
+        head = (layers["layer_kind"] == "head").to_numpy()
+    else:
+        head = (layers["layer"] == "head").to_numpy()
+    body = ~head if (~head).any() else np.ones_like(head)
     relative = np.vstack(
         [
-            layers[f"{m}_per_element"].to_numpy() / max(layers[f"{m}_per_element"].max(), 1e-300)
+            layers[f"{m}_per_element"].to_numpy(float)
+            / max(layers[f"{m}_per_element"].to_numpy(float)[body].max(), 1e-300)
             for m in metrics
         ]
     )
+    noisy = np.zeros_like(relative, dtype=bool)
+    if "hessian_trace" in metrics and "hessian_trace_se" in layers.columns:
+        trace = layers["hessian_trace"].to_numpy(float)
+        noisy[list(metrics).index("hessian_trace")] = np.abs(trace) < 2 * layers[
+            "hessian_trace_se"
+        ].to_numpy(float)
     floor = 1e-3
     width = max(6.0, 0.6 * len(layers) + 2.5)
-    fig = Figure(figsize=(width, 0.55 * len(metrics) + 2.2))
+    fig = Figure(figsize=(width, 0.55 * len(metrics) + 2.4))
     ax = fig.subplots()
-    image = ax.imshow(
-        np.clip(relative, floor, 1), aspect="auto", cmap="viridis", norm=LogNorm(floor, 1)
-    )
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightcoral")
+    shown = np.ma.masked_less(relative, 0)
+    image = ax.imshow(np.ma.clip(shown, floor, 1), aspect="auto", cmap=cmap, norm=LogNorm(floor, 1))
     ax.set_xticks(range(len(layers)), layers["layer"], rotation=45, ha="right")
     ax.set_yticks(range(len(metrics)), metrics)
     if len(layers) <= 30:
         for (row, col), value in np.ndenumerate(relative):
-            text = f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
-            color = "white" if value < 0.1 else "black"
+            if value <= 0:
+                text = "neg" if value < 0 else "0"
+            elif value > 1:
+                text = f"×{value:.3g}"
+            else:
+                text = f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"
+            text += "?" if noisy[row, col] else ""
+            color = "white" if 0 <= value < 0.1 else "black"
             ax.text(col, row, text, ha="center", va="center", fontsize=7, color=color)
-    ax.set_xlabel("layer (forward order)")
+    ax.set_xlabel(
+        "layer (forward order); head: × the top pretrained layer; red: negative; "
+        "?: within 2 standard errors of 0",
+        fontsize=8,
+    )
     ax.set_title(title or "Per-element importance by layer")
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="relative to the metric's top layer")
+    fig.colorbar(
+        image, ax=ax, fraction=0.03, pad=0.02, label="relative to the top pretrained layer"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 

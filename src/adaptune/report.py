@@ -305,6 +305,7 @@ def run_report(
     outputs: dict[str, str],
     config: Mapping[str, Any] | None = None,
     experiment_path: str | None = None,
+    description: str | None = None,
 ) -> pd.DataFrame:
     """The ``report`` stage: leaderboard CSV and markdown, a page that stands alone (headline,
     tables, config), summary over seeds, the selected strategy per shot count (registered as
@@ -334,6 +335,14 @@ def run_report(
     else:
         Path(outputs["curves"]).touch()
     best.to_csv(outputs["best"], index=False)
+    if "first_page" in outputs:
+        # The first page of `snakemake --report`: the workflow's description, then the result.
+        intro = Path(description).read_text() if description else ""
+        result = "\n".join(headline(best))
+        Path(outputs["first_page"]).write_text(
+            f"{intro}\n\nResult\n------\n\n{result}\n\n"
+            "Selected on the validation split; the tables are under *1. Result*.\n"
+        )
     for line in headline(best):
         log.info("%s", line.replace("**", ""))
     if experiment_path is not None:
