@@ -1,5 +1,6 @@
 """Services that tests and benchmarks start on this machine, on 127.0.0.1 only, and stop by the
-PIDs they started: an MLflow tracking server."""
+PIDs they started: an MLflow tracking server and the single-node SLURM cluster of
+``tests/cluster/slurm.sh``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+SLURM_SCRIPT = Path(__file__).resolve().parent / "cluster" / "slurm.sh"
 
 
 def free_port() -> int:
@@ -100,3 +103,56 @@ def mlflow_server(
         yield MlflowServer(uri, artifacts, process.pid, log)
     finally:
         stop_group(process)
+
+
+def slurm(command: str, directory: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``tests/cluster/slurm.sh COMMAND DIRECTORY``; raises with its output when it fails."""
+    result = subprocess.run(
+        ["bash", str(SLURM_SCRIPT), command, str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"slurm.sh {command} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@contextlib.contextmanager
+def slurm_cluster(directory: Path) -> Iterator[dict[str, str]]:
+    """A single-node SLURM cluster (this host) kept in ``directory``; yields the environment in
+    which sbatch and snakemake's SLURM executor find it. Stopped, by its recorded PIDs, on exit,
+    and checked to be gone."""
+    try:
+        slurm("start", directory)
+        yield {**os.environ, "SLURM_CONF": str(directory / "etc" / "slurm.conf")}
+    finally:
+        pids = [
+            int(path.read_text())
+            for path in (directory / "run").glob("*.pid")
+            if path.stem in ("munged", "slurmctld", "slurmd") and path.read_text().strip()
+        ]
+        slurm("stop", directory)
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        assert not alive, f"slurm.sh stop left daemons running: {alive}"
+
+
+def run_with_timeout(
+    command: list[str], cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """Run ``command``; past ``timeout`` s send SIGINT, which snakemake obeys while SLURM jobs
+    are pending (it ignores SIGTERM then), and report the run as failed (returncode 124)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        return subprocess.CompletedProcess(command, 124, stdout, stderr + "\n[timed out]")
