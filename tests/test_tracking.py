@@ -3,6 +3,7 @@ nothing of them on the disk of the checkout that ran the workflow."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -12,6 +13,8 @@ from adaptune.errors import ConfigError
 
 from .conftest import Workflow, tiny_config
 from .services import mlflow_server
+
+HAS_KUBERNETES = importlib.util.find_spec("snakemake_executor_plugin_kubernetes") is not None
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +128,42 @@ def test_the_workflow_tracks_everything_to_the_server(server, tmp_path, tiny_ber
     mine = tracking.read_experiment(results / "mlflow_experiment.json")
     assert joined["experiment_id"] == mine["experiment_id"]
     assert joined["workspace"] != mine["workspace"]
+
+
+def test_jobs_that_share_no_files_need_a_store_they_reach():
+    for local in ("sqlite:///results/mlflow.db", "file:///tmp/mlruns", "mlruns"):
+        with pytest.raises(ConfigError, match=r"mlflow.tracking_uri = .* an MLflow server"):
+            tracking.check_store_for_jobs(local, jobs_share_files=False)
+        tracking.check_store_for_jobs(local, jobs_share_files=True)
+    for reachable in ("http://mlflow.ns:5000", "https://mlflow.example", "postgresql://db/ml"):
+        tracking.check_store_for_jobs(reachable, jobs_share_files=False)
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(
+            ("--workflow-profile", "profiles/kubernetes"),
+            id="kubernetes-profile",
+            marks=pytest.mark.skipif(not HAS_KUBERNETES, reason='needs ".[kubernetes]"'),
+        ),
+        pytest.param(("--shared-fs-usage", "none"), id="no-shared-fs"),
+    ],
+)
+def test_a_sqlite_store_without_shared_files_stops_when_parsed(tmp_path, tiny_bert_dir, how):
+    flow = Workflow(tmp_path, tiny_config(tiny_bert_dir))
+    result = flow.run("-n", *how, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "mlflow.tracking_uri = 'sqlite:///results/mlflow.db' is a file on this machine" in output
+    assert "mlflow='{tracking_uri: \"http://mlflow.<namespace>:5000\"}'" in output
+    assert "Building DAG of jobs" not in output  # stopped while parsing
+    # a tracking server passes this check (and is then asked whether it answers)
+    config = flow.config
+    config["mlflow"]["tracking_uri"] = "http://127.0.0.1:9"
+    flow.write_config(config)
+    result = flow.run("-n", *how, check=False)
+    output = result.stdout + result.stderr
+    assert "is a file on this machine" not in output
+    assert "no MLflow server answers at http://127.0.0.1:9" in output

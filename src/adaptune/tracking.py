@@ -91,6 +91,29 @@ def sqlite_file(tracking_uri: str) -> Path | None:
     return None
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """Whether the tracking store is a file on this machine's disk (``sqlite:///``, ``file:``,
+    a bare path), rather than a server or a database that other machines reach."""
+    return urllib.parse.urlparse(tracking_uri).scheme in ("", "file", "sqlite")
+
+
+def check_store_for_jobs(tracking_uri: str, jobs_share_files: bool) -> None:
+    """Jobs that share no files with this machine (the kubernetes executor; any run with
+    ``--shared-fs-usage none``) cannot log into a store that is a file here: each would write
+    its own copy, and every run would be lost with its pod. Raises a ConfigError naming the key
+    and the fix."""
+    if jobs_share_files or not is_local_store(tracking_uri):
+        return
+    raise ConfigError(
+        f"mlflow.tracking_uri = {tracking_uri!r} is a file on this machine, but the jobs of this "
+        "run share no files with it (the kubernetes executor, or --shared-fs-usage none): each "
+        "job would log into its own copy and the runs would be lost. Set mlflow.tracking_uri to "
+        "an MLflow server that the jobs reach, e.g. --config "
+        'mlflow=\'{tracking_uri: "http://mlflow.<namespace>:5000"}\' (README, "Clusters and '
+        'GPUs")'
+    )
+
+
 def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
     """That the tracking store can be used, in seconds: a tracking server answers its health
     check; a SQLite file, if it exists, is a SQLite database. Raises a ConfigError naming the
