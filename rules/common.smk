@@ -5,6 +5,15 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+def jobs_share_files(shared_fs_usage):
+    """Whether jobs see this machine's working directory: its outputs or Snakemake's own records
+    in .snakemake/ are on a shared file system (--shared-fs-usage; none for kubernetes).
+    """
+    return bool(
+        {usage.name for usage in shared_fs_usage} & {"INPUT_OUTPUT", "PERSISTENCE"}
+    )
+
+
 # The config is checked once, here, before any job starts: against config/schema.yaml (which
 # fills in its defaults), then the rules between keys and that the data, the model and the
 # baselines are of one modality, each problem in one line naming the key; the process that runs
@@ -13,7 +22,9 @@ min_version("9.0")
 # packaged ones): params of the stages that read them, so that changed content reruns them and
 # a file only touched or copied does not. Where snakemake runs without adaptune beside it
 # (rules' environments built by --sdm conda), Snakemake checks the schema alone, the stages
-# check the rest, and edits to local data are not noticed.
+# check the rest, and edits to local data are not noticed. The executor itself is not known
+# while the workflow is parsed, but whether its jobs share this machine's files is:
+# profiles/kubernetes says --shared-fs-usage none, so a SQLite tracking store stops here.
 try:
     from adaptune.experiment import validate_config
 except ImportError:
@@ -23,7 +34,9 @@ except ImportError:
     EXTERNAL = SimpleNamespace(source_fingerprint="", model_fingerprint="")
 else:
     EXTERNAL = validate_config(
-        config, main_process=workflow.is_main_process and workflow.local_exec
+        config,
+        main_process=workflow.is_main_process and workflow.local_exec,
+        jobs_share_files=jobs_share_files(workflow.storage_settings.shared_fs_usage),
     )
 
 

@@ -1,8 +1,9 @@
+# Light rules run in the process that runs the workflow, not as cluster jobs (a SLURM job
+# costs more in queueing than these take); the stages that compute go through the executor.
 localrules:
     create_mlflow_experiment,
     sample_few_shot,
     make_freeze_plan,
-    fit_baseline,
     report,
 
 

@@ -23,6 +23,18 @@ DEVICES = [
     ),
 ]
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
+CLUSTER_TESTS = "ADAPTUNE_CLUSTER_TESTS"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cluster`` start daemons as root and take minutes: they are skipped unless
+    asked for, with ``pytest -m cluster`` or ``ADAPTUNE_CLUSTER_TESTS=1``."""
+    if "cluster" in (config.getoption("markexpr") or "") or os.environ.get(CLUSTER_TESTS) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"cluster test: run with pytest -m cluster or {CLUSTER_TESTS}=1")
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

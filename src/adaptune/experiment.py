@@ -35,12 +35,17 @@ class Experiment:
     model_fingerprint: str
 
 
-def validate_config(experiment: MutableMapping[str, Any], main_process: bool = False) -> Experiment:
+def validate_config(
+    experiment: MutableMapping[str, Any], main_process: bool = False, jobs_share_files: bool = True
+) -> Experiment:
     """Validate ``experiment`` (a whole config, as Snakemake read it) in place; raises a
-    ConfigError naming the first problem. With ``main_process`` (the process that runs the
-    workflow, not a job of it) also check what the config asks of this machine: a CUDA device
-    where ``train.device`` names one, and a tracking store that answers."""
+    ConfigError naming the first problem. ``jobs_share_files`` says whether the jobs see this
+    machine's files (not so with the kubernetes executor): if not, the tracking store must be
+    one they reach. With ``main_process`` (the process that runs the workflow, not a job of
+    it) also check what the config asks of this machine: a CUDA device where ``train.device``
+    names one, and a tracking store that answers."""
     config.check_schema(experiment)
+    tracking.check_store_for_jobs(experiment["mlflow"]["tracking_uri"], jobs_share_files)
     data = DataSettings.from_config(experiment["data"])
     model = ModelSettings.from_config(experiment["model"])
     ImportanceSettings.from_config(experiment["importance"])

@@ -5,7 +5,10 @@ The lifecycle of a run:
 1. ``create_mlflow_experiment`` makes the store and the experiment once, before jobs fan out
    (several processes creating a new SQLite store at once race on its schema). With a local
    store, artifacts go under ``results/<experiment>/mlartifacts``; with a tracking server
-   (``http(s)://``), to the server.
+   (``http(s)://``), to the server: the experiment is created without an artifact location,
+   so the server chooses it (``mlflow-artifacts:/...``, under its ``--artifacts-destination``),
+   and an experiment there whose artifacts would land on each client's own disk is refused.
+   Several checkouts (or machines) find the same experiment on a server by name, and share it.
 2. ``finetune`` starts the run, tagged with its key (``adaptune.key``, e.g. ``full/k16/seed0``)
    and its workspace (the results folder it writes to), writes the run id to a file, and logs
    parameters and curves into it. Any earlier run of the same key and workspace (an attempt
@@ -30,6 +33,7 @@ import re
 import signal
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -96,6 +100,29 @@ def sqlite_file(tracking_uri: str) -> Path | None:
     return None
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """Whether the tracking store is a file on this machine's disk (``sqlite:///``, ``file:``,
+    a bare path), rather than a server or a database that other machines reach."""
+    return urllib.parse.urlparse(tracking_uri).scheme in ("", "file", "sqlite")
+
+
+def check_store_for_jobs(tracking_uri: str, jobs_share_files: bool) -> None:
+    """Jobs that share no files with this machine (the kubernetes executor; any run with
+    ``--shared-fs-usage none``) cannot log into a store that is a file here: each would write
+    its own copy, and every run would be lost with its pod. Raises a ConfigError naming the key
+    and the fix."""
+    if jobs_share_files or not is_local_store(tracking_uri):
+        return
+    raise ConfigError(
+        f"mlflow.tracking_uri = {tracking_uri!r} is a file on this machine, but the jobs of this "
+        "run share no files with it (the kubernetes executor, or --shared-fs-usage none): each "
+        "job would log into its own copy and the runs would be lost. Set mlflow.tracking_uri to "
+        "an MLflow server that the jobs reach, e.g. --config "
+        'mlflow=\'{tracking_uri: "http://mlflow.<namespace>:5000"}\' (README, "Clusters and '
+        'GPUs")'
+    )
+
+
 def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
     """That the tracking store can be used, in seconds: a tracking server answers its health
     check; a SQLite file, if it exists, is a SQLite database. Raises a ConfigError naming the
@@ -148,7 +175,8 @@ def ensure_experiment(
 ) -> dict[str, str]:
     """Create (or find) the MLflow experiment ``name``; returns what later stages need to log
     into it. A local store keeps artifacts under ``artifact_root``; a tracking server keeps
-    them itself (its ``--artifacts-destination``)."""
+    them itself (its ``--artifacts-destination``), and an experiment on a server whose
+    artifacts would go to a local path is a ConfigError naming the fix."""
     check_store(tracking_uri)
     path = sqlite_file(tracking_uri)
     if path is not None:
@@ -157,23 +185,24 @@ def ensure_experiment(
         client = _client(tracking_uri)
         experiment = retrying(client.get_experiment_by_name)(name)
         if experiment is None:
-            location = None
-            if not is_server(tracking_uri):
-                root = Path(artifact_root).resolve()
-                root.mkdir(parents=True, exist_ok=True)
-                location = root.as_uri()
-            experiment_id = retrying(client.create_experiment)(name, artifact_location=location)
-            log.info("created MLflow experiment %r (%s) in %s", name, experiment_id, tracking_uri)
-        elif experiment.lifecycle_stage == "deleted":
+            experiment = _create_experiment(client, tracking_uri, name, artifact_root)
+        if experiment.lifecycle_stage == "deleted":
             raise ConfigError(
                 f"the MLflow experiment {name!r} (id {experiment.experiment_id}) in "
                 f"{tracking_uri} is deleted: restore it (MLFLOW_TRACKING_URI={tracking_uri} "
                 f"mlflow experiments restore --experiment-id {experiment.experiment_id}) or set "
                 "mlflow.experiment_name to a new name"
             )
-        else:
-            experiment_id = experiment.experiment_id
-            log.info("MLflow experiment %r (%s) exists in %s", name, experiment_id, tracking_uri)
+        experiment_id = experiment.experiment_id
+        if is_server(tracking_uri):
+            check_server_artifacts(tracking_uri, name, experiment.artifact_location)
+        log.info(
+            "MLflow experiment %r (%s) in %s keeps its artifacts at %s",
+            name,
+            experiment_id,
+            tracking_uri,
+            experiment.artifact_location,
+        )
         # The UI then opens the experiment on its runs table, not on the GenAI overview.
         retrying(client.set_experiment_tag)(
             experiment_id, EXPERIMENT_KIND, "custom_model_development"
@@ -192,6 +221,49 @@ def ensure_experiment(
         "experiment_id": experiment_id,
         "workspace": workspace(results),
     }
+
+
+def _create_experiment(client: Any, tracking_uri: str, name: str, artifact_root: str | Path) -> Any:
+    """Create the experiment ``name``: with its artifacts under ``artifact_root`` in a local
+    store, where the server chooses on a tracking server. Another checkout creating it at the
+    same moment is no error: both then use the one experiment."""
+    from mlflow.exceptions import MlflowException
+
+    location = None
+    if not is_server(tracking_uri):
+        root = Path(artifact_root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    try:
+        experiment_id = retrying(client.create_experiment)(name, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        log.info("MLflow experiment %r was created by another process meanwhile", name)
+        return retrying(client.get_experiment_by_name)(name)
+    log.info("created MLflow experiment %r (%s) in %s", name, experiment_id, tracking_uri)
+    return retrying(client.get_experiment)(experiment_id)
+
+
+def is_local_location(artifact_location: str) -> bool:
+    """Whether an artifact location is a path on the disk of the process that logs (``file:``
+    or a bare path), rather than a server or an object store."""
+    return urllib.parse.urlparse(artifact_location).scheme in ("", "file")
+
+
+def check_server_artifacts(tracking_uri: str, name: str, artifact_location: str) -> None:
+    """On a tracking server, an experiment's artifacts must go to the server (or an object store
+    every client reaches), not to a path that each client would write on its own disk."""
+    if not is_local_location(artifact_location):
+        return
+    raise ConfigError(
+        f"mlflow.tracking_uri = {tracking_uri!r}: the MLflow experiment {name!r} there keeps "
+        f"its artifacts at {artifact_location!r}, a path that each job would write on its own "
+        "disk, not on the server. Serve artifacts from the server (mlflow server "
+        "--artifacts-destination DIR, without --no-serve-artifacts or a local "
+        "--default-artifact-root) and set mlflow.experiment_name to a new name (or delete "
+        "this experiment and run `mlflow gc` on the server)"
+    )
 
 
 def read_experiment(path: str | Path) -> dict[str, str]:

@@ -1,0 +1,169 @@
+"""A real MLflow tracking server holds everything: runs, parameters, metrics and artifacts, with
+nothing of them on the disk of the checkout that ran the workflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from adaptune import tracking
+from adaptune.errors import ConfigError
+
+from .conftest import Workflow, tiny_config
+from .services import mlflow_server
+
+HAS_KUBERNETES = importlib.util.find_spec("snakemake_executor_plugin_kubernetes") is not None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+        yield running
+
+
+def test_local_artifact_locations_are_told_apart():
+    assert tracking.is_local_location("file:///srv/mlruns/1")
+    assert tracking.is_local_location("/srv/mlruns/1")
+    assert tracking.is_local_location("./mlruns/1")
+    assert not tracking.is_local_location("mlflow-artifacts:/1")
+    assert not tracking.is_local_location("s3://bucket/mlflow/1")
+
+
+def test_an_experiment_on_a_server_gets_the_servers_artifact_location(server, tmp_path):
+    """Two checkouts (two results folders) share one experiment, whose artifacts the server
+    holds; the local artifact root is neither used nor made."""
+    from mlflow.tracking import MlflowClient
+
+    first = tracking.ensure_experiment(
+        server.uri, "shared", tmp_path / "a/mlartifacts", tmp_path / "a"
+    )
+    second = tracking.ensure_experiment(
+        server.uri, "shared", tmp_path / "b/mlartifacts", tmp_path / "b"
+    )
+    assert first["experiment_id"] == second["experiment_id"]
+    assert first["workspace"] != second["workspace"]
+    location = MlflowClient(server.uri).get_experiment(first["experiment_id"]).artifact_location
+    assert location.startswith("mlflow-artifacts:"), location
+    assert not (tmp_path / "a/mlartifacts").exists()
+    assert not (tmp_path / "b/mlartifacts").exists()
+
+
+def test_a_server_experiment_with_a_local_artifact_path_is_refused(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(server.uri).create_experiment(
+        "old-local", artifact_location=(tmp_path / "on-my-disk").as_uri()
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'old-local' there keeps its artifacts at 'file://.*on-my-disk'.*"
+        r"--artifacts-destination.*mlflow.experiment_name",
+    ):
+        tracking.ensure_experiment(server.uri, "old-local", tmp_path / "art", tmp_path)
+
+
+@pytest.mark.workflow
+def test_the_workflow_tracks_everything_to_the_server(server, tmp_path, tiny_bert_dir):
+    from mlflow.tracking import MlflowClient
+
+    config = tiny_config(tiny_bert_dir, experiment="served")
+    config["strategies"] = {"head_only": {"kind": "head_only", "train": {"lr": 1e-3}}}
+    config["mlflow"] = {"tracking_uri": server.uri}
+    flow = Workflow(tmp_path / "checkout", config)
+    flow.run("--cores", "2")
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("served")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs = {
+        run.data.tags["adaptune.key"]: run for run in client.search_runs([experiment.experiment_id])
+    }
+    assert set(runs) == {"head_only/k4/seed0", "tfidf_logreg/k4"}
+
+    results = flow.results("served")
+    run_dir = results / "runs/head_only/k4/seed0"
+    run = runs["head_only/k4/seed0"]
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
+    assert run.info.status == "FINISHED"
+    # parameters, training curves and test metrics, as the files of the run say
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert run.data.params["lr"] == "0.001"
+    assert run.data.params["trainable_params"] == str(summary["trainable_params"])
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
+    assert run.data.metrics["best_val_macro_f1"] == pytest.approx(summary["best_val_macro_f1"])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1  # one epoch
+
+    # artifacts: listed by the server, and physically in its --artifacts-destination
+    listed = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/metrics.json" in listed
+    stored = (
+        server.artifacts
+        / experiment.experiment_id
+        / run.info.run_id
+        / "artifacts/evaluation/metrics.json"
+    )
+    assert stored.read_bytes() == (run_dir / "metrics.json").read_bytes()
+    assert (stored.parents[1] / "importance/scores.parquet").is_file()
+    baseline = runs["tfidf_logreg/k4"]
+    assert {item.path for item in client.list_artifacts(baseline.info.run_id, "evaluation")} >= {
+        "evaluation/metrics.json",
+        "evaluation/confusion.png",
+    }
+
+    # nothing of MLflow's on the checkout's disk
+    local = [
+        path.relative_to(flow.root)
+        for pattern in ("mlruns", "mlartifacts", "*.db")
+        for path in flow.root.rglob(pattern)
+    ]
+    assert local == [], local
+
+    # a second checkout joins the same experiment and keeps its own workspace
+    other = Workflow(tmp_path / "other", config)
+    other.run("--cores", "1", "--until", "create_mlflow_experiment")
+    joined = tracking.read_experiment(other.results("served") / "mlflow_experiment.json")
+    mine = tracking.read_experiment(results / "mlflow_experiment.json")
+    assert joined["experiment_id"] == mine["experiment_id"]
+    assert joined["workspace"] != mine["workspace"]
+
+
+def test_jobs_that_share_no_files_need_a_store_they_reach():
+    for local in ("sqlite:///results/mlflow.db", "file:///tmp/mlruns", "mlruns"):
+        with pytest.raises(ConfigError, match=r"mlflow.tracking_uri = .* an MLflow server"):
+            tracking.check_store_for_jobs(local, jobs_share_files=False)
+        tracking.check_store_for_jobs(local, jobs_share_files=True)
+    for reachable in ("http://mlflow.ns:5000", "https://mlflow.example", "postgresql://db/ml"):
+        tracking.check_store_for_jobs(reachable, jobs_share_files=False)
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(
+            ("--workflow-profile", "profiles/kubernetes"),
+            id="kubernetes-profile",
+            marks=pytest.mark.skipif(not HAS_KUBERNETES, reason='needs ".[kubernetes]"'),
+        ),
+        pytest.param(("--shared-fs-usage", "none"), id="no-shared-fs"),
+    ],
+)
+def test_a_sqlite_store_without_shared_files_stops_when_parsed(tmp_path, tiny_bert_dir, how):
+    flow = Workflow(tmp_path, tiny_config(tiny_bert_dir))
+    result = flow.run("-n", *how, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "mlflow.tracking_uri = 'sqlite:///results/mlflow.db' is a file on this machine" in output
+    assert "mlflow='{tracking_uri: \"http://mlflow.<namespace>:5000\"}'" in output
+    assert "Building DAG of jobs" not in output  # stopped while parsing
+    # a tracking server passes this check (and is then asked whether it answers)
+    config = flow.config
+    config["mlflow"]["tracking_uri"] = "http://127.0.0.1:9"
+    flow.write_config(config)
+    result = flow.run("-n", *how, check=False)
+    output = result.stdout + result.stderr
+    assert "is a file on this machine" not in output
+    assert "no MLflow server answers at http://127.0.0.1:9" in output
