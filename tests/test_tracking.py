@@ -113,6 +113,12 @@ def test_the_workflow_tracks_everything_to_the_server(server, tmp_path, tiny_ber
         "evaluation/confusion.png",
     }
 
+    # the model, logged to the server's store and registered as the champion
+    champion = client.get_model_version_by_alias("served-k4", "champion")
+    assert champion.run_id == run.info.run_id
+    model_files = [p.name for p in server.artifacts.rglob("model.safetensors")]
+    assert model_files, "the logged model is not in the server's artifacts"
+
     # nothing of MLflow's on the checkout's disk
     local = [
         path.relative_to(flow.root)

@@ -436,15 +436,17 @@ def register_champion(
 
     mlflow.set_tracking_uri(tracking_uri)  # the registry resolves models:/ URIs through it
     client = _client(tracking_uri)
-    if not retrying(client.search_registered_models)(f"name = '{name}'"):
-        retrying(client.create_registered_model)(name)
-    versions = retrying(client.search_model_versions)(f"name = '{name}' and run_id = '{run_id}'")
+    versions = []
+    if retrying(client.search_registered_models)(f"name = '{name}'"):
+        versions = retrying(client.search_model_versions)(
+            f"name = '{name}' and run_id = '{run_id}'"
+        )
     if versions:
         version = versions[0]
     else:
-        version = retrying(client.create_model_version)(
-            name, model_uri, run_id=run_id, description=description
-        )
+        # register_model links the version to the logged model (a tracking server needs that)
+        version = retrying(mlflow.register_model)(model_uri, name)
+        retrying(client.update_model_version)(name, version.version, description)
     retrying(client.set_registered_model_alias)(name, CHAMPION, str(version.version))
     return int(version.version)
 
