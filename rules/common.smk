@@ -33,11 +33,21 @@ except ImportError:
     validate(config, schema="../config/schema.yaml")
     EXTERNAL = SimpleNamespace(source_fingerprint="", model_fingerprint="")
 else:
+    from adaptune.experiment import check_device
+
     EXTERNAL = validate_config(
         config,
-        main_process=workflow.is_main_process and workflow.local_exec,
+        main_process=workflow.is_main_process,
         jobs_share_files=jobs_share_files(workflow.storage_settings.shared_fs_usage),
+        devices=False,
     )
+
+    # The executor is known only once execution starts (not while the Snakefile is parsed):
+    # where jobs run on this machine, the device they ask for must be here; on a cluster, each
+    # job checks its own node.
+    onstart:
+        if workflow.local_exec and not workflow.dryrun:
+            check_device(config["train"]["device"])
 
 
 ENV = "../envs/adaptune.yaml"

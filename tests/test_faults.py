@@ -269,6 +269,24 @@ def test_cuda_on_a_machine_without_one_stops_at_parse_time_naming_the_key():
     validate_config(experiment)  # a job (on a GPU node of a cluster, say) does not check it
 
 
+@pytest.mark.workflow
+def test_cuda_without_one_stops_a_local_run_before_any_job_but_not_a_dry_run(
+    tmp_path, tiny_bert_dir
+):
+    """The executor is known only when execution starts: a local run stops there (nothing
+    ran); a dry run, or a cluster run whose jobs land on GPU nodes, goes on."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = csv_config(tiny_bert_dir, csv_file(tmp_path / "n.csv", news_rows()))
+    config["train"]["device"] = "cuda"
+    flow = Workflow(tmp_path / "flow", config)
+    assert "finetune" in flow.dry_run_jobs()
+    result = flow.run("--cores", "2", check=False)
+    assert result.returncode != 0
+    assert "train.device = 'cuda', but this machine has 0 CUDA" in result.stdout + result.stderr
+    assert not (flow.root / "results").exists()  # nothing ran
+
+
 # --- config -----------------------------------------------------------------------------------
 
 

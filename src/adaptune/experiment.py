@@ -36,14 +36,18 @@ class Experiment:
 
 
 def validate_config(
-    experiment: MutableMapping[str, Any], main_process: bool = False, jobs_share_files: bool = True
+    experiment: MutableMapping[str, Any],
+    main_process: bool = False,
+    jobs_share_files: bool = True,
+    devices: bool = True,
 ) -> Experiment:
     """Validate ``experiment`` (a whole config, as Snakemake read it) in place; raises a
     ConfigError naming the first problem. ``jobs_share_files`` says whether the jobs see this
     machine's files (not so with the kubernetes executor): if not, the tracking store must be
     one they reach. With ``main_process`` (the process that runs the workflow, not a job of
-    it) also check what the config asks of this machine: a CUDA device where ``train.device``
-    names one, and a tracking store that answers."""
+    it) also check what the config asks of this machine: a tracking store that answers, and
+    (unless ``devices`` is False: the workflow checks it when execution starts, once it knows
+    whether jobs run here or on a cluster) a CUDA device where ``train.device`` names one."""
     config.check_schema(experiment)
     tracking.check_store_for_jobs(experiment["mlflow"]["tracking_uri"], jobs_share_files)
     data = DataSettings.from_config(experiment["data"])
@@ -54,7 +58,8 @@ def validate_config(
         strategies.check(name, spec, train)
     modality = modalities.choose(data, model, experiment["baselines"])
     if main_process:
-        check_device(experiment["train"]["device"])
+        if devices:
+            check_device(experiment["train"]["device"])
         tracking.check_store(experiment["mlflow"]["tracking_uri"])
     return Experiment(
         modality,
