@@ -208,7 +208,8 @@ def resolve(target: str) -> Callable[[Mapping[str, Any]], Any]:
 def launch(processes: int, target: str, job: Mapping[str, Any]) -> None:
     """Run ``target`` (``module:function``, taking one JSON-able mapping) on ``job``: here in
     one process, or on ``processes`` devices through ``torchrun``. The workers inherit this
-    process's stdout and stderr (the stage's log) and its environment (CUDA_VISIBLE_DEVICES)."""
+    process's stdout and stderr (the stage's log) and its environment (CUDA_VISIBLE_DEVICES),
+    and share its torch threads."""
     if processes == 1:
         resolve(target)(job)
         return
@@ -219,7 +220,9 @@ def launch(processes: int, target: str, job: Mapping[str, Any]) -> None:
         log.info("launching %d processes: %s", processes, " ".join(command))
         sys.stdout.flush()
         sys.stderr.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # The job's threads (torch.set_num_threads, from the rule's threads:) shared out.
+        threads = str(max(1, torch.get_num_threads() // processes))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         result = subprocess.run(command, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(
