@@ -68,8 +68,13 @@ def device_for(spec: str, world: World) -> torch.device:
     """The device of this rank: ``select_device(spec)``, and on CUDA the rank's own GPU
     (``cuda:LOCAL_RANK``; with CUDA_VISIBLE_DEVICES set, among the visible ones)."""
     device = select_device(spec)
-    if world.size == 1 or device.type != "cuda":
+    if world.size == 1 or device.type == "cpu":
         return device
+    if device.type != "cuda":
+        raise ConfigError(
+            f"train.devices = {world.size}: data-parallel training runs on CUDA GPUs or CPU "
+            f"processes, not on {device.type}; set train.device: cpu or train.devices: 1"
+        )
     if device.index is not None:
         raise ConfigError(
             f"train.device: {spec!r} names one GPU, but train.devices = {world.size} trains on "

@@ -37,8 +37,10 @@ def default_lock_dir() -> Path:
 
 
 def gpu_count() -> int:
-    """GPUs on this machine (through NVML where it can: CUDA itself is not initialised)."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """GPUs on this machine. ``torch.cuda.device_count`` asks NVML and leaves CUDA
+    uninitialised; ``torch.cuda.is_available`` would not (it calls ``cuInit``, after which this
+    process ignores a new CUDA_VISIBLE_DEVICES)."""
+    return torch.cuda.device_count()
 
 
 def try_claim(count: int, total: int, lock_dir: Path) -> dict[int, int] | None:
