@@ -223,7 +223,7 @@ def test_concurrent_jobs_get_distinct_gpus(tmp_path, no_gpu_assigned):
         assert everything == [0, 1, 2]
 
 
-def test_another_process_holds_its_gpu_until_it_ends(tmp_path, no_gpu_assigned):
+def test_another_process_holds_its_gpu_until_it_ends(tmp_path, no_gpu_assigned, workers):
     holder = subprocess.Popen(
         [
             sys.executable,
