@@ -1,12 +1,13 @@
-"""Rule finetune: train under the freeze plan, tracked in MLflow (adaptune.training)."""
+"""Rule finetune: train under the freeze plan, tracked in MLflow (adaptune.training); on
+train.devices GPUs or CPU processes through torchrun (adaptune.distributed)."""
 
 from typing import TYPE_CHECKING
 
 import torch
 
+from adaptune import distributed, gpus
 from adaptune.logs import to_log_file
-from adaptune.settings import ModelSettings, TrainSettings
-from adaptune.training import RunKey, run_finetune
+from adaptune.training import RunKey, finetune_job
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -14,16 +15,16 @@ if TYPE_CHECKING:
 with to_log_file(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     wildcards = snakemake.wildcards
-    run_finetune(
+    train = snakemake.params.train
+    job = finetune_job(
         RunKey(wildcards.strategy, wildcards.shots, int(wildcards.seed)),
-        ModelSettings.from_config(snakemake.params.model),
-        TrainSettings.from_config(snakemake.params.train),
-        plan_path=snakemake.input.plan,
-        train_path=snakemake.input.train,
-        val_path=snakemake.input.val,
-        data_info_path=snakemake.input.info,
-        experiment_path=snakemake.input.experiment,
-        artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap")},
+        model=snakemake.params.model,
+        train=train,
+        inputs=dict(snakemake.input.items()),
         outputs=dict(snakemake.output.items()),
+        artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap")},
         resolved={"data": snakemake.params.data, "importance": snakemake.params.importance},
     )
+    devices = train.get("devices", 1)
+    with gpus.claimed(devices):
+        distributed.launch(devices, "adaptune.training:run_finetune_job", job)

@@ -1,9 +1,11 @@
-"""Rule score_importance: importance per parameter tensor and per layer (adaptune.importance)."""
+"""Rule score_importance: importance per parameter tensor and per layer (adaptune.importance),
+on a GPU of its own where there is one (adaptune.gpus)."""
 
 from typing import TYPE_CHECKING
 
 import torch
 
+from adaptune import gpus
 from adaptune.importance import run_score_importance
 from adaptune.logs import to_log_file
 from adaptune.settings import ImportanceSettings, ModelSettings
@@ -11,7 +13,7 @@ from adaptune.settings import ImportanceSettings, ModelSettings
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-with to_log_file(snakemake.log[0]):
+with to_log_file(snakemake.log[0]), gpus.claimed(1):
     torch.set_num_threads(snakemake.threads)
     run_score_importance(
         snakemake.input.train,

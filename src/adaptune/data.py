@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,11 +246,13 @@ def loader(
     by_length: bool = False,
     workers: int = 0,
     pin_memory: bool = False,
+    shard: Callable[[list[int]], list[int]] | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of batches of ``examples``: in row order, shuffled by ``generator``, or
     (``by_length``, for inference) longest first, so that each batch pads little. Every batch
     carries ``index``, the rows it holds. ``workers`` processes decode and augment examples;
-    the batches and their order are the same with any number."""
+    the batches and their order are the same with any number. ``shard`` keeps, of each batch's
+    rows, those this process trains on (:func:`adaptune.distributed.shard`)."""
     count = len(examples)
     if shuffle:
         order = torch.randperm(count, generator=generator).tolist()
@@ -258,9 +260,10 @@ def loader(
         order = np.argsort(-examples.lengths, kind="stable").tolist()
     else:
         order = list(range(count))
+    batches = [order[start : start + batch_size] for start in range(0, count, batch_size)]
     return DataLoader(
         examples,
-        batch_sampler=[order[start : start + batch_size] for start in range(0, count, batch_size)],
+        batch_sampler=[shard(b) for b in batches] if shard else batches,
         collate_fn=examples.collate,
         num_workers=workers,
         pin_memory=pin_memory,

@@ -43,6 +43,7 @@ from adaptune.data import read_data_info, read_split
 from adaptune.figures import plot_heatmap
 from adaptune.layers import Layer, assign_layers, relative_depth
 from adaptune.modalities import Batch, TaskModel
+from adaptune.runtime import select_device
 from adaptune.settings import ImportanceSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -524,7 +525,16 @@ def run_score_importance(
     info = read_data_info(data_info_path)
     train = read_split(train_path)
     task = modalities.get(info).load_pretrained(model, info["labels"], settings.seed, info)
-    batches = calibration_batches(train, settings.batches, settings.batch_size, info, settings.seed)
+    # On the GPU where there is one: per-example gradients then go through torch.func's vmap.
+    device = select_device("auto")
+    task.model.to(device)
+    batches = [
+        {key: value.to(device) for key, value in batch.items()}
+        for batch in calibration_batches(
+            train, settings.batches, settings.batch_size, info, settings.seed
+        )
+    ]
+    log.info("scoring on %s", device)
     table, seconds = score_model(
         task,
         batches,

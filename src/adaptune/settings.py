@@ -179,10 +179,18 @@ class TrainSettings:
     warmup_ratio: float
     max_grad_norm: float
     device: str
+    devices: int
     precision: str
     augment: list[str]
     frozen_batchnorm: str
     feature_cache: str
+
+    def __post_init__(self) -> None:
+        if self.devices > 1 and self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(
+                f"train.devices = {self.devices} trains on several devices, but train.device "
+                f"= {self.device!r} names one; use auto, cuda or cpu, or set train.devices: 1"
+            )
 
     @classmethod
     def from_config(

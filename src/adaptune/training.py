@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptune import modalities, strategies, tracking
+from adaptune import distributed, modalities, strategies, tracking
 from adaptune.data import loader, read_data_info, read_split
 from adaptune.evaluation import classification_metrics, predict
 from adaptune.modalities import Examples, TaskModel
 from adaptune.optim import apply_plan, build_optimizer, param_groups
 from adaptune.plans import Plan
 from adaptune.prefix import Boundary, PrefixCache, find_boundary
-from adaptune.runtime import autocast, seed_everything, select_device
+from adaptune.runtime import autocast, seed_everything
 from adaptune.settings import ModelSettings, TrainSettings, write_settings
 from adaptune.strategies import Run
 
@@ -160,6 +160,18 @@ class PrefixState:
             self.cache = None
 
 
+def step_loss(
+    logits: torch.Tensor, labels: torch.Tensor, global_count: int, world: distributed.World
+) -> torch.Tensor:
+    """The cross-entropy this process backpropagates: the batch mean in one process; under
+    DDP its examples' summed loss weighed so that DDP's average over ranks is the gradient of
+    the global batch's mean loss, however the batch was split (:func:`distributed.loss_weight`)."""
+    if world.size == 1:
+        return nn.functional.cross_entropy(logits.float(), labels)
+    summed = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    return summed * distributed.loss_weight(global_count, world)
+
+
 FEW_STEPS = 20  # fewer optimizer steps than this in a run: its result says little
 
 
@@ -202,11 +214,15 @@ def finetune(
     ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
     stay in eval mode, so their running statistics stay the pretrained ones too. Where the
     bottom of the network is frozen, it is computed once (:mod:`adaptune.prefix`). ``workers``
-    processes prepare the training batches. ``on_epoch`` receives each epoch's row of the
-    history; ``on_steps``, after each epoch, its optimizer steps (``step`` counted over the
-    run, ``train_loss_step``, and ``lr``: the base rate that step used).
+    processes prepare the training batches. In a process group (:mod:`adaptune.distributed`),
+    each process trains on its slice of every global batch of ``settings.batch_size``, DDP
+    averages the gradients, and rank 0 validates; every rank returns the same result.
+    ``on_epoch`` receives each epoch's row of the history; ``on_steps``, after each epoch, its
+    optimizer steps (``step`` counted over the run, ``train_loss_step``, and ``lr``: the base
+    rate that step used).
     """
     seed_everything(seed)
+    world = distributed.current()
     model = task.model
     model.to(device)
     hooks = strategies.hooks_for(plan, settings)
@@ -225,13 +241,15 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     run.optimizer, run.scheduler, run.groups = optimizer, scheduler, groups
     hooks.start(run)
+    replicas = distributed.Replicas(model, world, device)
     trainable = [p for g in groups for p in g["params"]]
     log.info(
-        "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s",
+        "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s%s",
         len(groups),
         len(trainable),
         steps_per_epoch,
         device,
+        f" x {world.size} processes" if world.size > 1 else "",
     )
     train_examples = task.modality.examples(train, info, settings.augment, seed)
     val_examples = task.modality.examples(val, info)
@@ -250,8 +268,8 @@ def finetune(
         model.train()
         if settings.frozen_batchnorm == "eval":
             set_frozen_batchnorm_eval(model)
-        losses = []
-        steps: list[dict[str, float]] = []
+        replica = replicas.sync()
+        losses, rates = [], []
         train_examples.set_epoch(epoch)
         epoch_batches = loader(
             train_examples,
@@ -260,6 +278,7 @@ def finetune(
             generator=generator,
             workers=workers,
             pin_memory=device.type == "cuda",
+            shard=(lambda rows: distributed.shard(rows, world)) if world.size > 1 else None,
         )
         with cache.replaying() if cache else contextlib.nullcontext():
             for step, batch in enumerate(
@@ -269,8 +288,9 @@ def finetune(
                 if cache is not None:
                     cache.current = cache.features("train", batch, device)
                 with autocast(device, settings.precision):
-                    logits = task.logits(batch)
-                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                    logits = task.modality.forward(replica, batch)
+                global_count = min(settings.batch_size, len(train) - step * settings.batch_size)
+                loss = step_loss(logits, batch["labels"], global_count, world)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 hooks.before_step(first_step_of_epoch=step == 0)
@@ -280,35 +300,43 @@ def finetune(
                 rate = settings.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
                 scheduler.step()
                 losses.append(float(loss.detach()))
-                steps.append(
-                    {"step": scheduler.last_epoch, "train_loss_step": losses[-1], "lr": rate}
-                )
+                rates.append(rate)
+        # Under DDP each rank's loss is its share of the global batch's mean times the ranks.
+        losses = [v / world.size for v in distributed.all_sum(losses, world, device)]
+        first_step = scheduler.last_epoch - len(losses) + 1
+        steps = [
+            {"step": first_step + i, "train_loss_step": loss_value, "lr": rate}
+            for i, (loss_value, rate) in enumerate(zip(losses, rates, strict=True))
+        ]
         train_seconds += time.perf_counter() - start
-        val_logits = predict(
-            task,
-            val_examples,
-            settings.eval_batch_size,
-            info,
-            device,
-            settings.precision,
-            cache,
-            "val",
-        )
-        scores = classification_metrics(
-            labels, val_logits.argmax(1), num_labels=val_logits.shape[1]
-        )
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_loss": float(
-                nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.tensor(labels))
-            ),
-            "val_accuracy": scores["accuracy"],
-            "val_macro_f1": scores["macro_f1"],
-            # The base rate of the epoch's last step; each group trains at this x its multiplier.
-            "lr": steps[-1]["lr"],
-            "epoch_seconds": time.perf_counter() - start,
-        }
+        row, classes = None, 0
+        if world.is_main:
+            val_logits = predict(
+                task,
+                val_examples,
+                settings.eval_batch_size,
+                info,
+                device,
+                settings.precision,
+                cache,
+                "val",
+            )
+            classes = int(val_logits.shape[1])
+            scores = classification_metrics(labels, val_logits.argmax(1), num_labels=classes)
+            row = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_loss": float(
+                    nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.tensor(labels))
+                ),
+                "val_accuracy": scores["accuracy"],
+                "val_macro_f1": scores["macro_f1"],
+                # The base rate of the epoch's last step; each group trains at this x its
+                # multiplier.
+                "lr": steps[-1]["lr"],
+                "epoch_seconds": time.perf_counter() - start,
+            }
+        row, classes = distributed.from_main((row, classes), world)
         history.append(row)
         log.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f val_macro_f1 %.4f",
@@ -325,6 +353,7 @@ def finetune(
         if best is None or row["val_macro_f1"] > best[0]:
             best = (row["val_macro_f1"], epoch, [p.detach().clone() for p in trainable])
     prefix.close()
+    replicas.close()
     assert best is not None
     with torch.no_grad():
         for param, saved in zip(trainable, best[2], strict=True):
@@ -334,7 +363,7 @@ def finetune(
     )
     hooks.finish(run)
     warnings = training_warnings(
-        steps_per_epoch * settings.epochs, history[-1]["train_loss"], int(val_logits.shape[1])
+        steps_per_epoch * settings.epochs, history[-1]["train_loss"], classes
     )
     return TrainResult(
         history=pd.DataFrame(history),
@@ -396,13 +425,20 @@ def run_finetune(
     apply the plan, train, and save the best checkpoint (a folder its own library loads), the
     history, a summary and the MLflow run id. ``artifacts`` are extra files logged to the run
     (the importance table); ``resolved`` the settings of the stages before it (``data``,
-    ``importance``), logged with the run's own as its resolved config."""
+    ``importance``), logged with the run's own as its resolved config.
+
+    Started by :func:`run_finetune_job` under ``torchrun``, every rank trains and only rank 0
+    tracks the run and writes the outputs."""
     resolved = resolved or {}
     info = read_data_info(data_info_path)
     plan = Plan.load(plan_path)
-    device = select_device(settings.device)
+    world = distributed.current()
+    device = distributed.device_for(settings.device, world)
     modality = modalities.get(info)
     task = modality.load_pretrained(model, info["labels"], key.seed, info)
+    if not world.is_main:
+        train_frame, val_frame = read_split(train_path), read_split(val_path)
+        return finetune(task, plan, train_frame, val_frame, settings, key.seed, info, device)
     experiment = tracking.read_experiment(experiment_path)
     run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
     description = (
@@ -521,3 +557,44 @@ def run_finetune(
         for path in artifacts.values():
             run.log_artifact(path, "importance")
     return result
+
+
+def finetune_job(
+    key: RunKey,
+    model: Mapping[str, Any],
+    train: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, str],
+    artifacts: Mapping[str, str],
+    resolved: Mapping[str, Any],
+) -> dict[str, Any]:
+    """:func:`run_finetune`'s arguments as plain data (what :func:`distributed.launch` passes to
+    the processes it starts); ``inputs`` are the rule's named inputs."""
+    return {
+        "key": vars(key),
+        "model": dict(model),
+        "train": dict(train),
+        "device": train.get("device", "auto"),
+        "inputs": dict(inputs),
+        "outputs": dict(outputs),
+        "artifacts": dict(artifacts),
+        "resolved": dict(resolved),
+    }
+
+
+def run_finetune_job(job: Mapping[str, Any]) -> None:
+    """:func:`run_finetune` on a :func:`finetune_job`."""
+    inputs = job["inputs"]
+    run_finetune(
+        RunKey(**job["key"]),
+        ModelSettings.from_config(job["model"]),
+        TrainSettings.from_config(job["train"]),
+        plan_path=inputs["plan"],
+        train_path=inputs["train"],
+        val_path=inputs["val"],
+        data_info_path=inputs["info"],
+        experiment_path=inputs["experiment"],
+        artifacts=dict(job["artifacts"]),
+        outputs=dict(job["outputs"]),
+        resolved=job["resolved"],
+    )
