@@ -93,27 +93,48 @@ def plot_heatmap(
     fig.savefig(path, dpi=130)
 
 
+TENSOR_KINDS = (  # (kind, marker, words in a tensor's name), first match wins; display only
+    ("norm", "s", ("norm", "ln_", ".ln", "bn", "batchnorm")),
+    ("attention", "o", ("attn", "attention", "query", "key", "value", "q_proj", "k_proj")),
+    ("feed-forward", "^", ("intermediate", "mlp", "ffn", "fc", "output.dense", "dense")),
+    ("embedding", "D", ("embed", "wte", "wpe", "patch", "cls_token", "pos_")),
+    ("convolution", "P", ("conv", "downsample")),
+)
+
+
+def tensor_kind(name: str) -> tuple[str, str]:
+    """What a tensor is, for the plan plot's markers, read from its name ("other" when the
+    name says nothing): (kind, matplotlib marker)."""
+    lowered = name.lower()
+    for kind, marker, words in TENSOR_KINDS:
+        if any(word in lowered for word in words):
+            return kind, marker
+    return "other", "X"
+
+
 def plot_plan(plan: Plan, path: str | Path) -> None:
-    """Each tensor's lr multiplier by layer; frozen tensors in grey at zero."""
+    """Each tensor's lr multiplier by layer, one marker per kind of tensor (attention,
+    feed-forward, norm, ...; size: its parameter count); frozen tensors in grey at zero. The
+    legend stands beside the axes, clear of the points."""
     layers = sorted({(t.layer_index, t.layer) for t in plan.tensors})
     position = {index: i for i, (index, _) in enumerate(layers)}
-    fig = Figure(figsize=(max(6.0, 0.55 * len(layers) + 2), 3.8))
+    fig = Figure(figsize=(max(7.0, 0.55 * len(layers) + 4), 3.8))
     ax = fig.subplots()
     rng = np.random.default_rng(0)
-    for frozen, color, label in ((True, "0.7", "frozen"), (False, "tab:blue", "trains")):
-        chosen = [t for t in plan.tensors if t.frozen == frozen]
-        if chosen:
-            x = [position[t.layer_index] + rng.uniform(-0.25, 0.25) for t in chosen]
-            sizes = [10 + 40 * np.log10(t.numel) / 8 for t in chosen]
-            ax.scatter(
-                x,
-                [t.lr_multiplier for t in chosen],
-                s=sizes,
-                c=color,
-                label=label,
-                alpha=0.8,
-                edgecolors="none",
-            )
+    kinds = {t.name: tensor_kind(t.name) for t in plan.tensors}
+    for (kind, marker), frozen in sorted({(kinds[t.name], t.frozen) for t in plan.tensors}):
+        chosen = [t for t in plan.tensors if t.frozen == frozen and kinds[t.name][0] == kind]
+        x = [position[t.layer_index] + rng.uniform(-0.25, 0.25) for t in chosen]
+        ax.scatter(
+            x,
+            [t.lr_multiplier for t in chosen],
+            s=[10 + 40 * np.log10(t.numel) / 8 for t in chosen],
+            marker=marker,
+            c="0.7" if frozen else "tab:blue",
+            label=f"{kind}{' (frozen)' if frozen else ''}",
+            alpha=0.8,
+            edgecolors="none",
+        )
     for i, (index, _) in enumerate(layers):
         members = [t for t in plan.tensors if t.layer_index == index]
         share = sum(t.numel for t in members if not t.frozen) / sum(t.numel for t in members)
@@ -135,7 +156,7 @@ def plot_plan(plan: Plan, path: str | Path) -> None:
         fontsize=9,
         pad=18,
     )
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
