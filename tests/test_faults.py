@@ -564,3 +564,27 @@ def test_every_case_here_is_in_the_readme():
     assert "## When something goes wrong" in readme
     for phrase in ("--unlock", "data.encoding", "data.duplicates", "superseded", "adaptune check"):
         assert phrase in readme, phrase
+
+
+def test_a_moved_results_folder_keeps_its_mlflow_artifacts(tmp_path, monkeypatch):
+    """MLflow records absolute artifact paths: after the project (results/ with its SQLite
+    store) is moved, the workflow's start points them at the new place, and the UI and the
+    client find every artifact again."""
+    from mlflow.tracking import MlflowClient
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    monkeypatch.chdir(old)
+    uri = "sqlite:///results/mlflow.db"
+    experiment = tracking.ensure_experiment(uri, "moved", "results/moved/mlartifacts", "results")
+    with tracking.start_run(experiment, "full/k2/seed0", "run", {}) as run:
+        (old / "note.txt").write_text("kept\n")
+        run.log_artifact(old / "note.txt")
+    old.rename(new)
+    monkeypatch.chdir(new)
+    client = MlflowClient(uri)
+    assert not client.list_artifacts(run.run_id)  # the recorded folder is gone
+    assert tracking.relocate_artifacts(uri, "moved", "results/moved/mlartifacts")
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
+    assert client.get_run(run.run_id).info.artifact_uri.startswith((new / "results").as_uri())
+    assert not tracking.relocate_artifacts(uri, "moved", "results/moved/mlartifacts")  # once

@@ -45,7 +45,8 @@ def run_baseline(
     )
     classifier = model[-1]
     experiment = tracking.read_experiment(experiment_path)
-    description = f"{name} on {shots} examples per class of {info['source']}: no fine-tuning"
+    source = info.get("source", "the data")
+    description = f"{name} on {shots} examples per class of {source}: no fine-tuning"
     tags = {
         "strategy": name,
         "shots": shots,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,11 @@ def validate_config(
         if devices:
             check_device(experiment["train"]["device"])
         tracking.check_store(experiment["mlflow"]["tracking_uri"])
+        tracking.relocate_artifacts(
+            experiment["mlflow"]["tracking_uri"],
+            experiment["mlflow"]["experiment_name"] or experiment["experiment"],
+            Path("results") / experiment["experiment"] / "mlartifacts",
+        )
     return Experiment(
         modality,
         content_fingerprint(modality.source_files(data), modality.source_version(data)),

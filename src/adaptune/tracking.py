@@ -154,6 +154,47 @@ def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
             )
 
 
+def relocate_artifacts(tracking_uri: str, name: str, artifact_root: str | Path) -> bool:
+    """After ``results/`` (with its SQLite store) was moved or copied elsewhere, point the
+    experiment ``name``'s artifact locations (the experiment's, its runs', logged models' and
+    registered versions') at ``artifact_root`` where the recorded folder no longer exists.
+    MLflow records absolute ``file://`` paths and has no call to change them, so the SQLite
+    tables are updated in place. Returns whether anything moved."""
+    path = sqlite_file(tracking_uri)
+    if path is None or not path.is_file():
+        return False
+    import sqlite3
+    import urllib.parse
+
+    wanted = Path(artifact_root).resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db, db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master")}
+        if "experiments" not in tables:
+            return False
+        row = db.execute(
+            "select experiment_id, artifact_location from experiments where name = ?", (name,)
+        ).fetchone()
+        if row is None or row[1] == wanted or not row[1].startswith("file:"):
+            return False
+        if Path(urllib.parse.urlparse(row[1]).path).exists():
+            return False  # still there: two checkouts may share it
+        old = row[1]
+        db.execute(
+            "update experiments set artifact_location = ? where experiment_id = ?", (wanted, row[0])
+        )
+        updates = [("runs", "artifact_uri"), ("logged_models", "artifact_location")]
+        updates += [("model_versions", "source"), ("model_versions", "storage_location")]
+        for table, column in updates:
+            if table in tables:
+                db.execute(
+                    f"update {table} set {column} = ? || substr({column}, ?) "
+                    f"where substr({column}, 1, ?) = ?",
+                    (wanted, len(old) + 1, len(old), old),
+                )
+    log.info("MLflow experiment %r: artifacts moved from %s to %s", name, old, wanted)
+    return True
+
+
 def _client(tracking_uri: str) -> Any:
     # Imported here: MLflow takes about a second to import, and stages that track nothing
     # (and the workflow's parse-time checks above) do not need it.
