@@ -19,6 +19,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "rules/common.smk"
+include: "rules/fetch.smk"
 include: "rules/data.smk"
 include: "rules/importance.smk"
 include: "rules/plan.smk"

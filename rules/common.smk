@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -31,9 +32,12 @@ except ImportError:
     from types import SimpleNamespace
 
     validate(config, schema="../config/schema.yaml")
-    EXTERNAL = SimpleNamespace(source_fingerprint="", model_fingerprint="")
+    EXTERNAL = SimpleNamespace(
+        source_fingerprint="", model_fingerprint="", downloads=False
+    )
 else:
     from adaptune.experiment import check_device
+    from adaptune.fetch import offline_environment
 
     EXTERNAL = validate_config(
         config,

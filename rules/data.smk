@@ -1,4 +1,6 @@
 rule prepare_data:
+    input:
+        fetched=FETCH_FIRST,
     output:
         train=DATA / "train.parquet",
         val=DATA / "val.parquet",

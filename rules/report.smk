@@ -1,6 +1,7 @@
 # Light rules run in the process that runs the workflow, not as cluster jobs (a SLURM job
 # costs more in queueing than these take); the stages that compute go through the executor.
 localrules:
+    fetch,
     create_mlflow_experiment,
     sample_few_shot,
     make_freeze_plan,

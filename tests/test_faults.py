@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -229,6 +230,29 @@ def test_a_hub_model_that_cannot_be_reached_names_the_id_and_the_network(monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"'nobody/no-model'.*unreachable.*or no model has that"):
         load_tokenizer("hf:nobody/no-model")
+
+
+@pytest.mark.workflow
+def test_a_hub_model_is_fetched_once_before_any_job_that_loads_it(tmp_path, tiny_bert_dir):
+    """An hf: model (or dataset) is fetched by the local ``fetch`` stage, first; local data and
+    models need none. Offline, the fetch fails naming the id, and nothing after it runs."""
+    config = csv_config(tiny_bert_dir, csv_file(tmp_path / "n.csv", news_rows()))
+    flow = Workflow(tmp_path / "flow", config)
+    assert "fetch" not in flow.dry_run_jobs()
+    config["model"] = {"name": "hf:nobody/no-such-model"}
+    flow.write_config(config)
+    assert flow.dry_run_jobs()["fetch"] == 1
+    order = flow.run("-n", "--cores", "1", "--until", "prepare_data").stdout
+    assert order.index("rule fetch") < order.index("rule prepare_data")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        result = flow.run("--cores", "1", check=False)
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+    assert result.returncode != 0
+    log = (flow.results("faults") / "logs/fetch.log").read_text()
+    assert re.search(r"'nobody/no-such-model'.*unreachable", log), log[-2000:]
+    assert not (flow.results("faults") / "data").exists()  # nothing after the fetch ran
 
 
 class Payload:

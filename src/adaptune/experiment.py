@@ -34,6 +34,7 @@ class Experiment:
     modality: Modality
     source_fingerprint: str
     model_fingerprint: str
+    downloads: bool  # the data or the model come from a network: the fetch stage runs first
 
 
 def validate_config(
@@ -71,6 +72,7 @@ def validate_config(
         modality,
         content_fingerprint(modality.source_files(data), modality.source_version(data)),
         content_fingerprint(modality.model_files(model), modality.model_version(model)),
+        modality.downloads(data, model),
     )
 
 

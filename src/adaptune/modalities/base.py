@@ -116,6 +116,12 @@ class Modality(ABC):
         """Whether ``data.source`` holds this modality's examples."""
 
     @abstractmethod
+    def downloads(self, data: DataSettings, model: ModelSettings) -> bool:
+        """Whether loading ``data`` or ``model`` fetches files from a network (a hub dataset or
+        model, library weights named but not given as a file): the workflow's ``fetch`` stage
+        then fetches them once, where there is a network, before any compute job."""
+
+    @abstractmethod
     def reads_model(self, model: ModelSettings) -> bool:
         """Whether ``model.name`` is a model for this modality."""
 

@@ -90,6 +90,10 @@ class ImageModality(Modality):
             return bool(data.image_column)
         return data.kind in SOURCE_KINDS
 
+    def downloads(self, data: DataSettings, model: ModelSettings) -> bool:
+        named_weights = model.kind in MODEL_KINDS and not Path(model.weights).suffix
+        return data.kind == "torchvision" or named_weights
+
     def reads_model(self, model: ModelSettings) -> bool:
         if model.kind == "bundled":
             return model.location in BUNDLED_MODELS

@@ -115,6 +115,9 @@ class TextModality(Modality):
             return not data.image_column
         return data.kind in sources.SOURCE_KINDS
 
+    def downloads(self, data: DataSettings, model: ModelSettings) -> bool:
+        return data.kind == "hf" or model.kind == "hf"
+
     def reads_model(self, model: ModelSettings) -> bool:
         if model.kind == "bundled":
             return model.location in models.BUNDLED_MODELS
