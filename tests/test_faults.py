@@ -388,7 +388,7 @@ def test_a_fixed_seed_gives_byte_identical_weights_on_cpu(tmp_path, tiny_bert_di
             TEXT,
             torch.device("cpu"),
         )
-        MODALITY.save(task, folder, model, {})
+        MODALITY.save(task, folder, model, {**TEXT, "max_length": 32})
         return (folder / "model.safetensors").read_bytes()
 
     assert trained(tmp_path / "a") == trained(tmp_path / "b")
