@@ -20,29 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conftest import save_tiny_bert
+
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def make_model(folder: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from adaptune.modalities.text.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled:all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def make_csv(path: Path, count: int) -> None:
@@ -109,7 +93,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         model = Path(folder) / "model"
-        make_model(model)
+        save_tiny_bert(model, hidden_size=64, max_positions=512)
         for count in args.examples:
             csv = Path(folder) / f"news-{count}.csv"
             make_csv(csv, count)

@@ -24,52 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import Workflow, tiny_config
+from tests.conftest import Workflow, news_sample_config, save_news_sample, save_tiny_bert
 from tests.services import mlflow_server, run_with_timeout, slurm_cluster
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def make_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from adaptune.modalities.text.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled:all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def make_csv(path: Path) -> Path:
-    from adaptune.modalities.text.sources import load_bbc_news
-
-    frame = load_bbc_news().groupby("label").head(24)
-    frame["text"] = frame["text"].str.slice(0, 400)
-    frame.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
-    return path
-
-
 def experiment(model: Path, csv: Path, tracking_uri: str) -> dict:
-    config = tiny_config(model, experiment="scaling")
-    config["data"] = {
-        "source": f"csv:{csv}",
-        "text_column": "body",
-        "label_column": "topic",
-        "shots": [4],
-        "max_length": 32,
-    }
-    config["strategies"] = {"head_only": {"kind": "head_only", "train": {"lr": 1e-3}}}
+    config = news_sample_config(model, csv, "scaling")
     config["mlflow"] = {"tracking_uri": tracking_uri}
     return config
 
@@ -102,8 +64,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="adaptune-scaling-") as tmp:
         work = Path(tmp)
-        model = make_model(work / "tiny-bert")
-        csv = make_csv(work / "news.csv")
+        model = save_tiny_bert(work / "tiny-bert")
+        csv = save_news_sample(work / "news.csv")
         sqlite = "sqlite:///results/mlflow.db"
 
         if "local" not in args.skip:

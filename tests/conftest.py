@@ -37,28 +37,58 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-block BERT (hidden size 32) with the bundled MiniLM tokenizer,
-    saved as a Hugging Face folder without a classification head, like a pretrained encoder."""
+def save_tiny_bert(directory: Path, hidden_size: int = 32, max_positions: int = 128) -> Path:
+    """A randomly initialised 2-block BERT with the bundled MiniLM tokenizer, saved in
+    ``directory`` as a Hugging Face folder without a classification head, like a pretrained
+    encoder (also used by benchmarks/)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from adaptune.modalities.text.models import resolve_model
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled:all-MiniLM-L6-v2"))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_positions,
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_news_sample(path: Path) -> Path:
+    """24 real BBC News articles per topic (first 400 characters), with other column names
+    than the default ones (``body``, ``topic``)."""
+    from adaptune.modalities.text.sources import load_bbc_news
+
+    frame = load_bbc_news().groupby("label").head(24)
+    frame["text"] = frame["text"].str.slice(0, 400)
+    frame.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
+    return path
+
+
+def news_sample_config(model_dir: Path, csv: Path, experiment: str) -> dict:
+    """The tiny BERT on :func:`save_news_sample`'s CSV, one strategy and the TF-IDF baseline."""
+    config = tiny_config(model_dir, experiment=experiment)
+    config["data"] = {
+        "source": f"csv:{csv}",
+        "text_column": "body",
+        "label_column": "topic",
+        "shots": [4],
+        "max_length": 32,
+    }
+    config["strategies"] = {"head_only": {"kind": "head_only", "train": {"lr": 1e-3}}}
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`save_tiny_bert`: hidden size 32."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
@@ -82,14 +112,8 @@ def tiny_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bbc_sample_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 real BBC News articles per topic, with other column names than the default ones."""
-    from adaptune.modalities.text.sources import load_bbc_news
-
-    frame = load_bbc_news().groupby("label").head(24)
-    frame["text"] = frame["text"].str.slice(0, 400)
-    path = tmp_path_factory.mktemp("data") / "news.csv"
-    frame.rename(columns={"text": "body", "label": "topic"}).to_csv(path, index=False)
-    return path
+    """:func:`save_news_sample`."""
+    return save_news_sample(tmp_path_factory.mktemp("data") / "news.csv")
 
 
 def tiny_task(model_dir: Path, labels: list[str], seed: int = 0):

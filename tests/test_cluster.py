@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from .conftest import Workflow, tiny_config
+from .conftest import Workflow, news_sample_config
 from .services import run_with_timeout, slurm_cluster
 
 pytestmark = pytest.mark.cluster
@@ -33,16 +33,7 @@ RULE_THREADS = {"prepare_data": 2, "score_importance": 4, "finetune": 4, "evalua
 
 def cluster_config(model_dir: Path, csv: Path) -> dict:
     """The tiny BERT on a CSV of real articles, one strategy and the TF-IDF baseline."""
-    config = tiny_config(model_dir, experiment="on-slurm")
-    config["data"] = {
-        "source": f"csv:{csv}",
-        "text_column": "body",
-        "label_column": "topic",
-        "shots": [4],
-        "max_length": 32,
-    }
-    config["strategies"] = {"head_only": {"kind": "head_only", "train": {"lr": 1e-3}}}
-    return config
+    return news_sample_config(model_dir, csv, "on-slurm")
 
 
 def finished_jobs(env: dict[str, str]) -> dict[str, dict[str, str]]:

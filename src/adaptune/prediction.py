@@ -21,15 +21,14 @@ def predict_file(
     modality = modalities.saved_in(model)
     table = modality.read_inputs(Path(inputs), column)
     labels, probabilities = modality.predict(model, table["input"].tolist(), batch_size)
-    best = probabilities.argmax(1) if len(table) else []
     frame = pd.DataFrame(
         {
             "id": table["id"],
-            "predicted": [labels[i] for i in best],
-            "probability": probabilities.max(1) if len(table) else [],
+            "predicted": [labels[i] for i in probabilities.argmax(1)],
+            "probability": probabilities.max(1),
         }
     )
     for index, label in enumerate(labels):
-        frame[f"p_{label}"] = probabilities[:, index] if len(table) else []
+        frame[f"p_{label}"] = probabilities[:, index]
     log.info("%d %s input(s) predicted by %s", len(frame), modality.name, model)
     return frame

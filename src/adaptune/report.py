@@ -44,10 +44,10 @@ def _shots_order(shots: pd.Series) -> pd.Series:
     return shots.map(lambda s: float("inf") if str(s) == "all" else float(s))
 
 
-def leaderboard(metric_files: Iterable[str | Path]) -> pd.DataFrame:
-    """Collect every run's ``metrics.json`` (written by ``evaluate``) into one table, best
-    macro-F1 first within each shot count."""
-    rows = [json.loads(Path(path).read_text()) for path in metric_files]
+def leaderboard(runs: Iterable[str | Path | Mapping[str, Any]]) -> pd.DataFrame:
+    """Every run's ``metrics.json`` (written by ``evaluate``; a path, or its content already
+    read) in one table, best macro-F1 first within each shot count."""
+    rows = [r if isinstance(r, Mapping) else json.loads(Path(r).read_text()) for r in runs]
     table = pd.DataFrame(rows)
     table = table[[c for c in LEADERBOARD_COLUMNS if c in table.columns]]
     table["shots"] = table["shots"].astype(str)
@@ -218,14 +218,13 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def run_histories(metric_files: Iterable[str | Path]) -> pd.DataFrame:
-    """Every fine-tuning run's ``history.csv`` (beside its ``metrics.json``), with its strategy,
-    shots and seed; baselines have none."""
+def run_histories(runs: Mapping[Path, Mapping[str, Any]]) -> pd.DataFrame:
+    """Every fine-tuning run's ``history.csv`` (beside its ``metrics.json``, the keys of
+    ``runs``), with its strategy, shots and seed; baselines have none."""
     frames = []
-    for path in metric_files:
-        history = Path(path).with_name("history.csv")
+    for path, row in runs.items():
+        history = path.with_name("history.csv")
         if history.is_file():
-            row = json.loads(Path(path).read_text())
             frames.append(
                 pd.read_csv(history).assign(
                     strategy=row["strategy"], shots=str(row["shots"]), seed=row["seed"]
@@ -310,14 +309,15 @@ def run_report(
     """The ``report`` stage: leaderboard CSV and markdown, a page that stands alone (headline,
     tables, config), summary over seeds, the selected strategy per shot count (registered as
     ``champion`` when ``experiment_path`` names the MLflow experiment), and plots."""
-    board = leaderboard(metric_files)
+    runs = {Path(path): json.loads(Path(path).read_text()) for path in metric_files}
+    board = leaderboard(runs.values())
     summary = summarise(board)
     best = best_per_shots(summary, board)
-    run_folders = {}
-    for path in metric_files:
-        row = json.loads(Path(path).read_text())
-        run_folders[(row["strategy"], str(row["shots"]), row.get("seed", 0))] = Path(path).parent
-        num_labels = len(row.get("per_class", {}))
+    run_folders = {
+        (row["strategy"], str(row["shots"]), row.get("seed", 0)): path.parent
+        for path, row in runs.items()
+    }
+    num_labels = max(len(row.get("per_class", {})) for row in runs.values())
     best["model_dir"] = [
         str(run_folders[(r.selected_strategy, str(r.shots), r.model_seed)] / "model")
         for r in best.itertuples(index=False)
@@ -329,7 +329,7 @@ def run_report(
     Path(outputs["page"]).write_text(html_page(markdown, best, config or {}))
     plot_leaderboard(summary, outputs["plot"], experiment, num_labels)
     plot_tradeoffs(board, outputs["tradeoffs"], experiment)
-    histories = run_histories(metric_files)
+    histories = run_histories(runs)
     if not histories.empty:
         plot_curves(histories, outputs["curves"], experiment)
     else:

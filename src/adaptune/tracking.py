@@ -330,12 +330,7 @@ class Run:
             retrying(self.client.log_batch)(self.run_id, params=batch[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for start in range(0, len(batch), 1000):
-            retrying(self.client.log_batch)(self.run_id, metrics=batch[start : start + 1000])
+        self.log_steps([{**metrics, "step": step or 0}])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
@@ -449,14 +444,18 @@ def log_flavor_model(
     run_id: str,
     tracking_uri: str,
     packages: Sequence[str],
+    inputs: Any,
+    outputs: Any,
     **kwargs: Any,
 ) -> str:
-    """Log a model into run ``run_id`` with an MLflow flavor's ``log_model``; its requirements
-    are the installed versions of torch, adaptune and ``packages`` (not inferred: inferring
-    loads the model in a subprocess). Returns the logged model's URI."""
+    """Log a model into run ``run_id`` with an MLflow flavor's ``log_model``, its signature
+    made of the ``inputs`` and ``outputs`` schemas; its requirements are the installed versions
+    of torch and ``packages`` (not inferred: inferring loads the model in a subprocess).
+    Returns the logged model's URI."""
     import importlib.metadata
 
     import mlflow
+    from mlflow.models import ModelSignature
 
     mlflow.set_tracking_uri(tracking_uri)
     # The logged model belongs to the run's experiment (and its artifact location), not to
@@ -464,7 +463,10 @@ def log_flavor_model(
     run = retrying(_client(tracking_uri).get_run)(run_id)
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", *packages)]
-    info = retrying(log_model)(name="model", run_id=run_id, pip_requirements=pins, **kwargs)
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
+    info = retrying(log_model)(
+        name="model", run_id=run_id, pip_requirements=pins, signature=signature, **kwargs
+    )
     return str(info.model_uri)
 
 

@@ -250,9 +250,8 @@ class ImageModality(Modality):
             )
             with torch.no_grad():
                 probabilities.append(network(pixels).float().softmax(-1).numpy())
-        return list(saved["labels"]), (
-            np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
-        )
+        labels = list(saved["labels"])
+        return labels, np.concatenate(probabilities or [np.zeros((0, len(labels)))])
 
     def log_model(
         self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
@@ -263,7 +262,6 @@ class ImageModality(Modality):
 
         import mlflow.pytorch
         import torch
-        from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         from adaptune.modalities.image import models
@@ -277,17 +275,14 @@ class ImageModality(Modality):
         )
         network, _ = models.load_saved_classifier(directory)
         network.eval()
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, height, width))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(saved["labels"])))]),
-        )
         return log_flavor_model(
             mlflow.pytorch.log_model,
             run_id,
             tracking_uri,
             ("torchvision", "timm", "adaptune"),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, height, width))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(saved["labels"])))]),
             pytorch_model=network,
-            signature=signature,
             input_example=pixels.numpy(),
         )
 

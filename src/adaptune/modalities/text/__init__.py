@@ -286,7 +286,7 @@ class TextModality(Modality):
             with torch.no_grad():
                 probabilities.append(network(**encoded).logits.float().softmax(-1).numpy())
         labels = [network.config.id2label[i] for i in range(network.config.num_labels)]
-        return labels, np.concatenate(probabilities) if probabilities else np.zeros((0, 0))
+        return labels, np.concatenate(probabilities or [np.zeros((0, len(labels)))])
 
     def log_model(
         self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
@@ -295,23 +295,19 @@ class TextModality(Modality):
         strings in, a label and its score out. (MLflow's log-from-a-folder path does not work
         with transformers 5, so the pipeline is loaded from the folder.)"""
         import mlflow.transformers
-        from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
         from transformers import pipeline
 
         models._quiet_transformers()
         classify = pipeline("text-classification", model=str(directory), tokenizer=str(directory))
-        signature = ModelSignature(
-            inputs=Schema([ColSpec("string")]),
-            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
-        )
         return log_flavor_model(
             mlflow.transformers.log_model,
             run_id,
             tracking_uri,
             ("transformers", "tokenizers", "safetensors"),
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
             transformers_model=classify,
-            signature=signature,
             input_example=example["text"].astype(str).tolist(),
         )
 
