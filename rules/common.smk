@@ -70,6 +70,13 @@ BASELINE_RUN = EXP / "baselines/{baseline}/k{shots}"
 SHOTS = [str(shots) for shots in config["data"]["shots"]]
 STRATEGIES = list(config["strategies"])
 BASELINES = config["baselines"]
+# The shifted copies of the test split that evaluate scores every model on, named KIND-sSEVERITY
+# (typos-s3; adaptune.modalities.shifts.shift_name, whose inverse the stages use).
+SHIFTS = [
+    f"{kind}-s{severity}"
+    for kind, severities in config["evaluate"]["shifts"].items()
+    for severity in severities
+]
 SEEDS = config["train"]["seeds"]
 
 
@@ -77,7 +84,9 @@ wildcard_constraints:
     split="train|val",
     shots=r"[0-9]+|all",
     seed=r"[0-9]+",
-    strategy=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    # A strategy's sweep makes NAME@KEY=VALUE[,KEY=VALUE] (adaptune.sweeps).
+    strategy=r"[A-Za-z0-9][A-Za-z0-9_-]*(@[A-Za-z0-9_.,=+-]+)?",
+    shift=r"[a-z_]+-s[1-5]",
 
 
 # Each stage's params hold exactly the config it depends on, so that a change reruns exactly the

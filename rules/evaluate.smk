@@ -1,7 +1,29 @@
+rule shift_test_split:
+    input:
+        test=DATA / "test.parquet",
+        info=DATA / "data.json",
+    output:
+        shifted=DATA / "shifts/{shift}.parquet",
+    log:
+        LOGS / "shift_test_split/{shift}.log",
+    benchmark:
+        BENCH / "shift_test_split/{shift}.tsv"
+    conda:
+        ENV
+    params:
+        seed=config["evaluate"]["shift_seed"],
+        data=data_settings(),
+        model=config["model"],
+        model_content=EXTERNAL.model_fingerprint,
+    script:
+        "../scripts/shift_test_split.py"
+
+
 rule evaluate:
     input:
         model=RUN / "model",
         test=DATA / "test.parquet",
+        shifted=expand(DATA / "shifts/{shift}.parquet", shift=SHIFTS),
         info=DATA / "data.json",
         summary=RUN / "train_summary.json",
         run_id=RUN / "mlflow_run_id",
@@ -25,5 +47,6 @@ rule evaluate:
     threads: 4
     params:
         inference=inference_settings,
+        shifts=SHIFTS,
     script:
         "../scripts/evaluate.py"

@@ -54,6 +54,12 @@ rule report:
             category="Leaderboard",
         ),
         best=REPORT / "best_per_shots.csv",
+        sweep=REPORT / "sweep.csv",
+        generalisation=report(
+            REPORT / "generalisation.png",
+            caption="../report/generalisation.rst",
+            category="Leaderboard",
+        ),
     log:
         LOGS / "report.log",
     benchmark:

@@ -24,4 +24,5 @@ with to_log_file(snakemake.log[0]):
         batch_size=inference["eval_batch_size"],
         precision=inference["precision"],
         outputs=dict(snakemake.output.items()),
+        shifted=dict(zip(snakemake.params.shifts, snakemake.input.shifted, strict=True)),
     )

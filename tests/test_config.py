@@ -67,7 +67,7 @@ def validate_config_copy(experiment: dict) -> dict:
         ),
         (
             lambda c: c["strategies"]["s"].update(decay=0.5),
-            r"^strategies\.s: unknown key 'decay'; allowed here: kind, p, train$",
+            r"^strategies\.s: unknown key 'decay'; allowed here: kind, p, sweep, train$",
         ),
         (
             lambda c: c["strategies"]["s"].update(kind="everything"),
@@ -79,7 +79,7 @@ def validate_config_copy(experiment: dict) -> dict:
         ),
         (
             lambda c: c.update(trian={}),
-            r"^the config: unknown key 'trian'; allowed here: baselines, data, experiment",
+            r"^the config: unknown key 'trian'; allowed here: baselines, data, evaluate, experiment",
         ),
         (
             lambda c: c["model"].update(image_size=8),

@@ -1,5 +1,6 @@
 """Predictions and test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the
-confusion matrix; the ``evaluate`` stage."""
+confusion matrix, in distribution and on shifted copies of the test split; the
+``shift_test_split`` and ``evaluate`` stages."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from adaptune import modalities, tracking
 from adaptune.data import loader, read_data_info, read_split
 from adaptune.figures import plot_confusion
 from adaptune.modalities import Examples, TaskModel
+from adaptune.modalities.shifts import parse_shift_name
 from adaptune.prefix import PrefixCache
 from adaptune.runtime import autocast, select_device
+from adaptune.settings import DataSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +167,15 @@ def log_evaluation(run: tracking.Run, metrics: dict, outputs: dict[str, str]) ->
     """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to the active
     MLflow run."""
     run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
+    if metrics.get("shifts"):
+        run.log_metrics({k: metrics[k] for k in ("shift_macro_f1", "shift_accuracy", "shift_drop")})
+        run.log_metrics(
+            {
+                f"shift_{tracking.metric_name(name)}_{key}": value
+                for name, scores in metrics["shifts"].items()
+                for key, value in scores.items()
+            }
+        )
     run.log_metrics(
         {
             f"test_f1_{tracking.metric_name(label)}": row["f1"]
@@ -172,6 +184,73 @@ def log_evaluation(run: tracking.Run, metrics: dict, outputs: dict[str, str]) ->
     )
     for key in ("metrics", "per_class", "confusion", "confusion_png"):
         run.log_artifact(outputs[key], "evaluation")
+
+
+def run_shift_split(
+    test_path: str,
+    data_info_path: str,
+    name: str,
+    seed: int,
+    data: DataSettings,
+    model: ModelSettings,
+    output: str,
+) -> pd.DataFrame:
+    """The ``shift_test_split`` stage: the test split under shift ``name`` (``typos-s3``),
+    prepared as the test split was (:meth:`Modality.shift`)."""
+    info = read_data_info(data_info_path)
+    test = read_split(test_path)
+    kind, severity = parse_shift_name(name)
+    modality = modalities.get(info)
+    shifted = modality.shift(test, kind, severity, seed, info, data, model)
+    shifted.to_parquet(output, index=False)
+    log.info(
+        "%s (%s, severity %d, seed %d): %d test examples -> %s",
+        name,
+        modality.shifts[kind].description,
+        severity,
+        seed,
+        len(shifted),
+        output,
+    )
+    if "text" in shifted.columns and len(shifted):
+        log.info("first example, shifted: %r", str(shifted["text"].iloc[0])[:300])
+    return shifted
+
+
+def shift_metrics(
+    task: TaskModel,
+    shifted: Mapping[str, str],
+    batch_size: int,
+    info: Mapping[str, Any],
+    device: torch.device,
+    precision: str,
+    in_distribution: float,
+) -> dict[str, Any]:
+    """Macro-F1 and accuracy on each shifted test split (``shifted``: name -> path), their
+    means (``shift_macro_f1``, ``shift_accuracy``) and the drop from the in-distribution
+    macro-F1 (``shift_drop``); nothing when no shift is configured."""
+    if not shifted:
+        return {}
+    scores = {}
+    for name, path in shifted.items():
+        split = read_split(path)
+        logits = predict(task, split, batch_size, info, device, precision)
+        scores[name] = classification_metrics(
+            split["label_id"].to_numpy(), logits.argmax(axis=1), len(info["labels"])
+        )
+        log.info(
+            "shift %s: macro-F1 %.4f, accuracy %.4f",
+            name,
+            scores[name]["macro_f1"],
+            scores[name]["accuracy"],
+        )
+    mean_f1 = float(np.mean([s["macro_f1"] for s in scores.values()]))
+    return {
+        "shift_macro_f1": mean_f1,
+        "shift_accuracy": float(np.mean([s["accuracy"] for s in scores.values()])),
+        "shift_drop": in_distribution - mean_f1,
+        "shifts": scores,
+    }
 
 
 def run_evaluate(
@@ -185,9 +264,11 @@ def run_evaluate(
     batch_size: int,
     precision: str,
     outputs: dict[str, str],
+    shifted: Mapping[str, str] | None = None,
 ) -> dict:
-    """The ``evaluate`` stage: test metrics of the fine-tuned model, logged into the same MLflow
-    run as its training."""
+    """The ``evaluate`` stage: test metrics of the fine-tuned model, and under each shift of
+    ``shifted`` (name -> the shifted test split), logged into the same MLflow run as its
+    training."""
     info = read_data_info(data_info_path)
     summary = json.loads(Path(summary_path).read_text())
     test = read_split(test_path)
@@ -197,6 +278,17 @@ def run_evaluate(
     logits = predict(task, test, batch_size, info, torch_device, precision)
     metrics, per_class, matrix = evaluate_predictions(
         test["label_id"].to_numpy(), logits, info["labels"]
+    )
+    metrics.update(
+        shift_metrics(
+            task,
+            shifted or {},
+            batch_size,
+            info,
+            torch_device,
+            precision,
+            metrics["test_macro_f1"],
+        )
     )
     metrics = {**summary, **metrics}
     title = (

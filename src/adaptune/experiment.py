@@ -1,7 +1,8 @@
 """The experiment as a whole: the config validated once, when the workflow is parsed.
 
 :func:`validate_config` checks the config against the schema (filling in its defaults), builds
-every typed setting (which checks the rules between keys), checks each strategy with the
+every typed setting (which checks the rules between keys), expands each strategy's ``sweep``
+into one strategy per value (:mod:`adaptune.sweeps`), checks each strategy with the
 training settings of its runs, and that the data, the model and the baselines are of one
 modality, so that any mistake stops before a job starts, in one line naming the key. It returns
 what the workflow needs to know about the world outside ``results/``: fingerprints of the data
@@ -12,14 +13,14 @@ only touched or copied does not.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adaptune import config, modalities, strategies, tracking
+from adaptune import config, modalities, strategies, sweeps, tracking
 from adaptune.errors import ConfigError
 from adaptune.modalities import Modality
 from adaptune.modalities.files import content_fingerprint
@@ -51,6 +52,7 @@ def validate_config(
     (unless ``devices`` is False: the workflow checks it when execution starts, once it knows
     whether jobs run here or on a cluster) a CUDA device where ``train.device`` names one."""
     config.check_schema(experiment)
+    sweeps.expand(experiment["strategies"])
     tracking.check_store_for_jobs(experiment["mlflow"]["tracking_uri"], jobs_share_files)
     data = DataSettings.from_config(experiment["data"])
     model = ModelSettings.from_config(experiment["model"])
@@ -59,6 +61,7 @@ def validate_config(
         train = TrainSettings.from_config(experiment["train"], spec.get("train"), name)
         strategies.check(name, spec, train)
     modality = modalities.choose(data, model, experiment["baselines"])
+    check_shifts(modality, experiment["evaluate"]["shifts"])
     if main_process:
         if devices:
             check_device(experiment["train"]["device"])
@@ -74,6 +77,16 @@ def validate_config(
         content_fingerprint(modality.model_files(model), modality.model_version(model)),
         modality.downloads(data, model),
     )
+
+
+def check_shifts(modality: Modality, shifts: Mapping[str, Any]) -> None:
+    """Every shift of ``evaluate.shifts`` must be one of the modality's."""
+    for kind in shifts:
+        if kind not in modality.shifts:
+            raise ConfigError(
+                f"evaluate.shifts.{kind}: not a shift of {modality.name} data; "
+                f"use one of: {', '.join(modality.shifts)}"
+            )
 
 
 def check_device(device: str) -> None:

@@ -309,3 +309,53 @@ def plot_curves(histories: pd.DataFrame, path: str | Path, experiment: str) -> N
     fig.suptitle(f"{experiment}: training curves")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_generalisation(
+    summary: pd.DataFrame, path: str | Path, experiment: str, shift_names: Sequence[str] = ()
+) -> None:
+    """Macro-F1 against the fraction of parameters trained, one point per strategy (mean ±
+    std over seeds): in distribution (left) and under shift (right: the mean over the shifted
+    test splits), one row per shot count. Baselines, which train no network parameter, are
+    dashed lines."""
+    shot_values = list(dict.fromkeys(summary["shots"]))
+    panels = [("test_macro_f1", "in distribution")]
+    if shift_names and summary["shift_macro_f1_mean"].notna().any():
+        panels.append(("shift_macro_f1", f"under shift ({len(shift_names)} shifted test splits)"))
+    strategies = sorted(summary.loc[summary["trainable_fraction"].notna(), "strategy"].unique())
+    colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(strategies)}
+    fig = Figure(figsize=(6.2 * len(panels) + 2.2, 3.8 * len(shot_values)))
+    axes = fig.subplots(len(shot_values), len(panels), squeeze=False, sharey="row")
+    for row, shots in enumerate(shot_values):
+        part = summary[summary["shots"] == shots]
+        for column, (metric, title) in enumerate(panels):
+            ax = axes[row][column]
+            for r in part.itertuples(index=False):
+                mean, std = getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_std")
+                if pd.isna(mean):
+                    continue
+                if pd.isna(r.trainable_fraction):
+                    ax.axhline(mean, color="0.5", linestyle="--", linewidth=1)
+                    ax.annotate(
+                        r.strategy, (0.01, mean), xycoords=("axes fraction", "data"),
+                        fontsize=7, color="0.4", va="bottom",
+                    )  # fmt: skip
+                    continue
+                ax.errorbar(
+                    r.trainable_fraction, mean, yerr=std, fmt="o", color=colors[r.strategy],
+                    label=r.strategy, capsize=3, markersize=6,
+                )  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel("fraction of parameters trained")
+            ax.set_ylabel("macro-F1")
+            ax.set_title(f"{shots} shots per class: {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[0][-1].legend(
+        unique.values(), unique.keys(), fontsize=8, loc="upper left",
+        bbox_to_anchor=(1.02, 1), borderaxespad=0,
+    )  # fmt: skip
+    fig.suptitle(f"{experiment}: macro-F1 against parameters trained (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)

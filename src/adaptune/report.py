@@ -1,4 +1,11 @@
-"""The leaderboard: one row per (strategy, shots, seed), and a summary over seeds."""
+"""The leaderboard: one row per (strategy, shots, seed), and a summary over seeds.
+
+Where a strategy swept some of its settings (:mod:`adaptune.sweeps`), each of its runs is
+first replaced by the value best on validation for that (shots, seed)
+(:func:`select_values`): the tables then hold one row per strategy, with the test split
+reported for the chosen value only. Where ``evaluate.shifts`` is set, each row also holds the
+mean macro-F1 over the shifted test splits and its drop from the in-distribution macro-F1.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +20,26 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from adaptune import tracking
-from adaptune.figures import percent, plot_curves, plot_leaderboard, plot_tradeoffs
+from adaptune import sweeps, tracking
+from adaptune.figures import (
+    percent,
+    plot_curves,
+    plot_generalisation,
+    plot_leaderboard,
+    plot_tradeoffs,
+)
 
 log = logging.getLogger(__name__)
 
 LEADERBOARD_COLUMNS = [
     "strategy",
+    "setting",
     "shots",
     "seed",
     "test_accuracy",
     "test_macro_f1",
+    "shift_macro_f1",
+    "shift_drop",
     "trainable_params",
     "trainable_fraction",
     "train_seconds",
@@ -51,7 +67,11 @@ def leaderboard(runs: Iterable[str | Path | Mapping[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table = table[[c for c in LEADERBOARD_COLUMNS if c in table.columns]]
     table["shots"] = table["shots"].astype(str)
-    for column in ("best_val_macro_f1", "trainable_fraction", "trainable_params"):
+    table["setting"] = table["strategy"].map(sweeps.setting)
+    for column in ("shift_macro_f1", "shift_drop"):
+        if column not in table.columns:
+            table[column] = np.nan
+    for column in ("best_val_macro_f1", "trainable_fraction", "trainable_params", "shift_drop"):
         if column in table.columns:
             table[column] = pd.to_numeric(table[column])
     return (
@@ -64,8 +84,36 @@ def leaderboard(runs: Iterable[str | Path | Mapping[str, Any]]) -> pd.DataFrame:
     )
 
 
+# What the choice of a swept value may read: never a test metric.
+SELECTION_COLUMNS = ["strategy", "shots", "seed", "best_val_macro_f1"]
+
+
+def select_values(board: pd.DataFrame, order: Iterable[str] = ()) -> pd.DataFrame:
+    """Each swept strategy's runs reduced to one per (shots, seed): the value with the best
+    validation macro-F1 (ties: the value listed first in ``order``, the config's order of
+    strategies, then the name). The chosen row keeps its test metrics and is renamed to the
+    strategy (``llrd@lr=0.0001`` -> ``llrd``, ``setting`` ``lr=0.0001``). The choice reads
+    :data:`SELECTION_COLUMNS` alone; strategies that swept nothing pass unchanged."""
+    view = board[SELECTION_COLUMNS].copy()
+    position = {name: index for index, name in enumerate(order)}
+    view["family"] = view["strategy"].map(sweeps.family)
+    view["position"] = view["strategy"].map(lambda name: position.get(name, len(position)))
+    ranked = view.sort_values(
+        ["best_val_macro_f1", "position", "strategy"],
+        ascending=[False, True, True],
+        na_position="last",
+    )
+    chosen = ranked.groupby(["family", "shots", "seed"], sort=False, dropna=False).head(1)
+    tried = view.groupby(["family", "shots", "seed"], dropna=False)["strategy"].transform("size")
+    selected = board.loc[sorted(chosen.index)].copy()
+    selected["values_tried"] = tried.loc[selected.index].to_numpy()
+    selected["strategy"] = selected["strategy"].map(sweeps.family)
+    return selected.reset_index(drop=True)
+
+
 def summarise(board: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds for each (shots, strategy)."""
+    """Mean and standard deviation over seeds for each (shots, strategy), with the values its
+    sweep chose (``lr=0.0001 x3, lr=3e-05 x2``)."""
     grouped = board.groupby(["shots", "strategy"], sort=False)
     summary = grouped.agg(
         seeds=("seed", "nunique"),
@@ -73,11 +121,17 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
         test_macro_f1_std=("test_macro_f1", "std"),
         test_accuracy_mean=("test_accuracy", "mean"),
         test_accuracy_std=("test_accuracy", "std"),
+        shift_macro_f1_mean=("shift_macro_f1", "mean"),
+        shift_macro_f1_std=("shift_macro_f1", "std"),
+        shift_drop_mean=("shift_drop", "mean"),
         val_macro_f1_mean=("best_val_macro_f1", "mean"),
         trainable_fraction=("trainable_fraction", "mean"),
         train_seconds_mean=("train_seconds", "mean"),
+        chosen=("setting", _chosen_values),
     ).reset_index()
-    summary = summary.fillna({"test_macro_f1_std": 0.0, "test_accuracy_std": 0.0})
+    summary = summary.fillna(
+        {"test_macro_f1_std": 0.0, "test_accuracy_std": 0.0, "shift_macro_f1_std": 0.0}
+    )
     return (
         summary.assign(_order=_shots_order(summary["shots"]))
         .sort_values(["_order", "test_macro_f1_mean"], ascending=[True, False])
@@ -86,12 +140,25 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def paired_difference(board: pd.DataFrame, shots: str, strategy: str, reference: str) -> dict:
-    """Test macro-F1 of ``strategy`` minus ``reference`` over the seeds both ran (paired by
-    seed): the mean difference, its 95% t-interval (none with one seed) and the seed count."""
+def _chosen_values(settings: pd.Series) -> str:
+    """How often each swept value was chosen over the seeds ("" where nothing was swept)."""
+    counts = settings[settings != ""].value_counts()
+    return ", ".join(f"{value} x{count}" for value, count in counts.items())
+
+
+def paired_difference(
+    board: pd.DataFrame,
+    shots: str,
+    strategy: str,
+    reference: str,
+    metric: str = "test_macro_f1",
+) -> dict:
+    """``metric`` (test macro-F1; ``shift_macro_f1`` under shift) of ``strategy`` minus
+    ``reference`` over the seeds both ran (paired by seed): the mean difference, its 95%
+    t-interval (none with one seed) and the seed count."""
     part = board[board["shots"] == shots]
-    a = part[part["strategy"] == strategy].set_index("seed")["test_macro_f1"]
-    b = part[part["strategy"] == reference].set_index("seed")["test_macro_f1"]
+    a = part[part["strategy"] == strategy].set_index("seed")[metric]
+    b = part[part["strategy"] == reference].set_index("seed")[metric]
     diffs = (a - b).dropna()
     n = len(diffs)
     if n == 0:
@@ -133,6 +200,7 @@ def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
         runs = board[(board["shots"] == shots) & (board["strategy"] == best["strategy"])]
         chosen = runs.sort_values(["best_val_macro_f1", "seed"], ascending=[False, True]).iloc[0]
         versus = paired_difference(board, shots, best["strategy"], "full")
+        shifted = paired_difference(board, shots, best["strategy"], "full", "shift_macro_f1")
         rows.append(
             {
                 "shots": shots,
@@ -145,7 +213,12 @@ def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
                 "diff_vs_full": versus["diff"],
                 "diff_vs_full_low": versus["low"],
                 "diff_vs_full_high": versus["high"],
+                "shift_macro_f1_mean": best["shift_macro_f1_mean"],
+                "shift_diff_vs_full": shifted["diff"],
+                "shift_diff_vs_full_low": shifted["low"],
+                "shift_diff_vs_full_high": shifted["high"],
                 "model_seed": int(chosen["seed"]),
+                "model_strategy": sweeps.variant(best["strategy"], chosen.get("setting", "")),
                 "mlflow_run_id": chosen.get("mlflow_run_id", ""),
             }
         )
@@ -163,16 +236,32 @@ def headline(best: pd.DataFrame) -> list[str]:
             if r.selected_strategy == "full"
             else f"test macro-F1 minus full fine-tuning's: {interval(versus)}"
         )
+        shifted = ""
+        if not pd.isna(r.shift_macro_f1_mean):
+            shifted = f"; under shift macro-F1 {r.shift_macro_f1_mean:.4f}"
+            if r.selected_strategy != "full" and not pd.isna(r.shift_diff_vs_full):
+                shift_versus = {
+                    "diff": r.shift_diff_vs_full,
+                    "low": r.shift_diff_vs_full_low,
+                    "high": r.shift_diff_vs_full_high,
+                    "n": r.seeds,
+                }
+                shifted += f", minus full's {interval(shift_versus)}"
         lines.append(
             f"- **{r.shots} shots per class**: **{r.selected_strategy}** selected on validation "
             f"(val macro-F1 {r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}"
             f"{'' if r.seeds < 2 else f' ± {r.test_macro_f1_std:.4f} (std over {r.seeds} seeds)'}"
-            f"; {compared}."
+            f"; {compared}{shifted}."
         )
     return lines
 
 
-def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> str:
+def to_markdown(
+    board: pd.DataFrame,
+    summary: pd.DataFrame,
+    experiment: str,
+    shift_names: Iterable[str] = (),
+) -> str:
     best = best_per_shots(summary, board)
     lines = [f"# Leaderboard: {experiment}", "", "## Selected strategy per shot count", ""]
     lines += [
@@ -183,10 +272,30 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
         *headline(best),
     ]
     lines += ["", "## Every strategy (mean ± std over seeds; n=1: one seed, no spread)", ""]
+    shifted = summary["shift_macro_f1_mean"].notna().any()
+    swept = (summary["chosen"] != "").any()
+    if shifted:
+        lines += [
+            "Under shift: the mean macro-F1 over the shifted test splits "
+            f"({', '.join(shift_names)}); drop: in-distribution minus shifted.",
+            "",
+        ]
+    if swept:
+        lines += [
+            "Swept strategies: per (shots, seed) the value best on validation; chosen: how "
+            "often each value was (every value's runs are in sweep.csv).",
+            "",
+        ]
     lines += [
         "| shots | strategy | seeds | val macro-F1 | test macro-F1 | test accuracy | "
-        "vs full (paired) | trainable | train s |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "vs full (paired) | "
+        + ("under shift | drop | vs full under shift | " if shifted else "")
+        + "trainable | train s |"
+        + (" chosen |" if swept else ""),
+        "|---|---|---:|---:|---:|---:|---|"
+        + ("---:|---:|---|" if shifted else "")
+        + "---:|---:|"
+        + ("---|" if swept else ""),
     ]
     for r in summary.itertuples(index=False):
         acc_spread, f1_spread = (
@@ -197,11 +306,25 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
         val = "–" if pd.isna(r.val_macro_f1_mean) else f"{r.val_macro_f1_mean:.4f}"
         paired = paired_difference(board, r.shots, r.strategy, "full")
         versus = "–" if r.strategy == "full" else interval(paired)
+        shift_cells = ""
+        if shifted:
+            if pd.isna(r.shift_macro_f1_mean):
+                shift_cells = "– | – | – | "
+            else:
+                spread = f" ± {r.shift_macro_f1_std:.4f}" if r.seeds > 1 else ""
+                shift_paired = paired_difference(
+                    board, r.shots, r.strategy, "full", "shift_macro_f1"
+                )
+                shift_versus = "–" if r.strategy == "full" else interval(shift_paired)
+                shift_cells = (
+                    f"{r.shift_macro_f1_mean:.4f}{spread} | {r.shift_drop_mean:+.4f} | "
+                    f"{shift_versus} | "
+                )
         lines.append(
             f"| {r.shots} | {r.strategy} | {r.seeds} | {val} | {r.test_macro_f1_mean:.4f}"
             f"{f1_spread} | {r.test_accuracy_mean:.4f}{acc_spread} | {versus} | "
-            f"{percent(r.trainable_fraction)} | "
-            f"{r.train_seconds_mean:.1f} |"
+            f"{shift_cells}{percent(r.trainable_fraction)} | "
+            f"{r.train_seconds_mean:.1f} |" + (f" {r.chosen or '–'} |" if swept else "")
         )
     lines += ["", "## Every run", ""]
     lines += [
@@ -210,8 +333,9 @@ def to_markdown(board: pd.DataFrame, summary: pd.DataFrame, experiment: str) -> 
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in board.itertuples(index=False):
+        name = f"{r.strategy} ({r.setting})" if getattr(r, "setting", "") else r.strategy
         lines.append(
-            f"| {r.shots} | {r.strategy} | {r.seed} | {r.test_macro_f1:.4f} | "
+            f"| {r.shots} | {name} | {r.seed} | {r.test_macro_f1:.4f} | "
             f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {percent(r.trainable_fraction)} | "
             f"{r.train_seconds:.1f} | {_epoch(r.best_epoch)} |"
         )
@@ -282,7 +406,7 @@ def register_champions(
     """The selected run of each shot count becomes the ``champion`` of the registered model
     ``<experiment>-k<shots>``."""
     for r in best.itertuples(index=False):
-        folder = run_folders[(r.selected_strategy, str(r.shots), r.model_seed)]
+        folder = run_folders[(r.model_strategy, str(r.shots), r.model_seed)]
         summary = json.loads((folder / "train_summary.json").read_text())
         if not summary.get("mlflow_model_uri"):
             continue
@@ -310,7 +434,8 @@ def run_report(
     tables, config), summary over seeds, the selected strategy per shot count (registered as
     ``champion`` when ``experiment_path`` names the MLflow experiment), and plots."""
     runs = {Path(path): json.loads(Path(path).read_text()) for path in metric_files}
-    board = leaderboard(runs.values())
+    every = leaderboard(runs.values())
+    board = select_values(every, (config or {}).get("strategies", {}))
     summary = summarise(board)
     best = best_per_shots(summary, board)
     run_folders = {
@@ -319,16 +444,21 @@ def run_report(
     }
     num_labels = max(len(row.get("per_class", {})) for row in runs.values())
     best["model_dir"] = [
-        str(run_folders[(r.selected_strategy, str(r.shots), r.model_seed)] / "model")
+        str(run_folders[(r.model_strategy, str(r.shots), r.model_seed)] / "model")
         for r in best.itertuples(index=False)
     ]
     board.to_csv(outputs["leaderboard"], index=False)
+    if "sweep" in outputs:
+        every.to_csv(outputs["sweep"], index=False)
     summary.to_csv(outputs["summary"], index=False)
-    markdown = to_markdown(board, summary, experiment)
+    shift_names = sorted({name for row in runs.values() for name in row.get("shifts", {})})
+    markdown = to_markdown(board, summary, experiment, shift_names)
     Path(outputs["markdown"]).write_text(markdown)
     Path(outputs["page"]).write_text(html_page(markdown, best, config or {}))
     plot_leaderboard(summary, outputs["plot"], experiment, num_labels)
     plot_tradeoffs(board, outputs["tradeoffs"], experiment)
+    if "generalisation" in outputs:
+        plot_generalisation(summary, outputs["generalisation"], experiment, shift_names)
     histories = run_histories(runs)
     if not histories.empty:
         plot_curves(histories, outputs["curves"], experiment)

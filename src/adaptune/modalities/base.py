@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adaptune.modalities.files import files_under
+from adaptune.modalities.shifts import Shift
 from adaptune.settings import DataSettings, ModelSettings
 
 Batch = dict[str, torch.Tensor]
@@ -169,6 +170,26 @@ class Modality(ABC):
     ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
         """The splits in the form batches are made from (token ids; cached pixels), and what
         ``data.json`` must hold for that (the pad token; the model's input transform)."""
+
+    # --- shifted test splits (evaluate) ---------------------------------------------------
+
+    # This modality's shift kinds, by name (see :mod:`adaptune.modalities.shifts`).
+    shifts: ClassVar[Mapping[str, Shift]] = {}
+
+    @abstractmethod
+    def shift(
+        self,
+        frame: pd.DataFrame,
+        kind: str,
+        severity: int,
+        seed: int,
+        info: Mapping[str, Any],
+        data: DataSettings,
+        model: ModelSettings,
+    ) -> pd.DataFrame:
+        """A prepared split with shift ``kind`` at ``severity`` applied to every example's
+        input (seeded per example: :func:`adaptune.modalities.shifts.example_rng`), prepared
+        again exactly as :meth:`encode` prepared it; labels and ids unchanged."""
 
     # --- batches ----------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ from adaptune.modalities.base import (
     installed_version,
 )
 from adaptune.modalities.files import files_under, local_file, read_input_table
+from adaptune.modalities.image.shifts import SHIFTS
+from adaptune.modalities.shifts import Shift, perturbed
 from adaptune.settings import DataSettings, ModelSettings
 from adaptune.tracking import log_flavor_model
 
@@ -159,6 +161,34 @@ class ImageModality(Modality):
             },
             "transform": transform.to_dict(),
         }
+
+    shifts: ClassVar[Mapping[str, Shift]] = SHIFTS
+
+    def shift(
+        self,
+        frame: pd.DataFrame,
+        kind: str,
+        severity: int,
+        seed: int,
+        info: Mapping[str, Any],
+        data: DataSettings,
+        model: ModelSettings,
+    ) -> pd.DataFrame:
+        """The cached images resized as the model's transform resizes them (before its centre
+        crop), corrupted there (:mod:`.shifts`) and cached at that size."""
+        from adaptune.modalities.image.transforms import ImageTransform, resized_for_model
+
+        transform = ImageTransform.from_dict(info["transform"])
+        images = [
+            resized_for_model(data, int(h), int(w), transform)
+            for data, h, w in zip(frame["image"], frame["height"], frame["width"], strict=True)
+        ]
+        images = perturbed(images, frame["example_id"], SHIFTS[kind], severity, seed)
+        return frame.assign(
+            image=[np.ascontiguousarray(image).tobytes() for image in images],
+            height=np.array([image.shape[0] for image in images], dtype=np.int32),
+            width=np.array([image.shape[1] for image in images], dtype=np.int32),
+        )
 
     def examples(
         self,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as F
@@ -65,6 +66,20 @@ def cached_image(data: bytes, height: int, width: int) -> torch.Tensor:
     """A cached image (raw RGB bytes of ``height`` x ``width``) as a uint8 tensor (3, H, W)."""
     image = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(height, width, 3)
     return image.permute(2, 0, 1)
+
+
+def resized_for_model(
+    data: bytes, height: int, width: int, transform: ImageTransform
+) -> np.ndarray:
+    """A cached image resized as the model's evaluation transform resizes it (shorter side
+    ``resize_size``, before the centre crop): RGB uint8 (H, W, 3)."""
+    image = F.resize(
+        cached_image(data, height, width),
+        transform.resize_size,
+        interpolation=transform.mode,
+        antialias=True,
+    )
+    return image.permute(1, 2, 0).contiguous().numpy()
 
 
 def resized_pixels(data: bytes, height: int, width: int, side: int) -> torch.Tensor:

@@ -28,7 +28,9 @@ from adaptune.modalities.base import (
     installed_version,
 )
 from adaptune.modalities.files import local_file, read_input_table
+from adaptune.modalities.shifts import Shift, perturbed
 from adaptune.modalities.text import models, sources
+from adaptune.modalities.text.shifts import SHIFTS
 from adaptune.settings import DataSettings, ModelSettings
 from adaptune.tracking import log_flavor_model
 
@@ -166,6 +168,24 @@ class TextModality(Modality):
             "truncated_fraction_train": float(np.mean(lengths >= data.max_length)),
             "pad_token_id": int(tokenizer.pad_token_id or 0),
         }
+
+    shifts: ClassVar[Mapping[str, Shift]] = SHIFTS
+
+    def shift(
+        self,
+        frame: pd.DataFrame,
+        kind: str,
+        severity: int,
+        seed: int,
+        info: Mapping[str, Any],
+        data: DataSettings,
+        model: ModelSettings,
+    ) -> pd.DataFrame:
+        """The texts perturbed (:mod:`.shifts`), then tokenised as :meth:`encode` does."""
+        texts = perturbed(frame["text"], frame["example_id"], SHIFTS[kind], severity, seed)
+        return tokenize(
+            frame.assign(text=texts), models.load_tokenizer(model.name), data.max_length
+        )
 
     def examples(
         self,
