@@ -316,16 +316,20 @@ def plot_generalisation(
 ) -> None:
     """Macro-F1 against the fraction of parameters trained, one point per strategy (mean ±
     std over seeds): in distribution (left) and under shift (right: the mean over the shifted
-    test splits), one row per shot count. Baselines, which train no network parameter, are
-    dashed lines."""
+    test splits), one row per shot count, panels of a row on one scale; with several shot
+    counts, a last row of shot curves (macro-F1 against examples per class). Baselines, which
+    train no network parameter, are dashed lines."""
     shot_values = list(dict.fromkeys(summary["shots"]))
     panels = [("test_macro_f1", "in distribution")]
     if shift_names and summary["shift_macro_f1_mean"].notna().any():
         panels.append(("shift_macro_f1", f"under shift ({len(shift_names)} shifted test splits)"))
     strategies = sorted(summary.loc[summary["trainable_fraction"].notna(), "strategy"].unique())
     colors = {s: matplotlib.colormaps["tab10"](i % 10) for i, s in enumerate(strategies)}
-    fig = Figure(figsize=(6.2 * len(panels) + 2.2, 3.8 * len(shot_values)))
-    axes = fig.subplots(len(shot_values), len(panels), squeeze=False, sharey="row")
+    numeric = [s for s in shot_values if str(s) != "all"]
+    curves = len(numeric) > 1  # a last row: the shot curves
+    rows = len(shot_values) + curves
+    fig = Figure(figsize=(6.2 * len(panels) + 2.2, 3.8 * rows))
+    axes = fig.subplots(rows, len(panels), squeeze=False)
     for row, shots in enumerate(shot_values):
         part = summary[summary["shots"] == shots]
         for column, (metric, title) in enumerate(panels):
@@ -350,6 +354,30 @@ def plot_generalisation(
             ax.set_ylabel("macro-F1")
             ax.set_title(f"{shots} shots per class: {title}", fontsize=10)
             ax.grid(alpha=0.3)
+    if curves:
+        tuned = summary[summary["strategy"].isin(strategies) & summary["shots"].isin(numeric)]
+        for column, (metric, title) in enumerate(panels):
+            ax = axes[-1][column]
+            for strategy, part in tuned.groupby("strategy"):
+                part = part.assign(k=part["shots"].astype(int)).sort_values("k")
+                ax.errorbar(
+                    part["k"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"],
+                    color=colors[strategy], marker="o", capsize=3, label=strategy,
+                )  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xticks(
+                sorted(int(k) for k in numeric), [str(k) for k in sorted(map(int, numeric))]
+            )
+            ax.minorticks_off()
+            ax.set_xlabel("examples per class")
+            ax.set_ylabel("macro-F1")
+            ax.set_title(f"shot curves: {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+    for row in axes[: len(shot_values)]:
+        low = min(ax.get_ylim()[0] for ax in row)
+        high = max(ax.get_ylim()[1] for ax in row)
+        for ax in row:
+            ax.set_ylim(low, high)
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes[0][-1].legend(
