@@ -112,9 +112,10 @@ def examples_per_class(wildcards):
 
 
 def plan_settings(wildcards):
-    """A strategy's plan settings: its entry without the training overrides."""
+    """A strategy's plan settings: its entry without the training overrides and the head of its
+    scores (which picks the plan's input)."""
     spec = config["strategies"][wildcards.strategy]
-    return {key: value for key, value in spec.items() if key != "train"}
+    return {key: value for key, value in spec.items() if key not in ("train", "head")}
 
 
 def train_settings(wildcards):
@@ -141,3 +142,50 @@ def all_run_metrics(wildcards=None):
     runs = expand(RUN / "metrics.json", strategy=STRATEGIES, shots=SHOTS, seed=SEEDS)
     baselines = expand(BASELINE_RUN / "metrics.json", baseline=BASELINES, shots=SHOTS)
     return runs + baselines
+
+
+# Importance is scored through the new head as initialised (random) or after a linear probe
+# (probe): one score_importance job per shot count and head. Each strategy plans from, and
+# logs, the scores of its own head (its head: key, else importance.head), so only the heads
+# that some strategy uses are scored. The probe's keys are params of the probe's jobs alone:
+# changing them reruns the probe branch and leaves the random-head scores and plans alone.
+SCORED = IMPORTANCE / "k{shots}/{head}"
+PROBE_KEYS = ("probe_epochs", "probe_lr")
+
+
+def scoring_head(wildcards):
+    """The head whose scores strategy {strategy} uses."""
+    own = config["strategies"][wildcards.strategy].get("head")
+    return own or config["importance"]["head"]
+
+
+def importance_settings(head):
+    """importance: as the scores through `head` depend on it."""
+    probe = PROBE_KEYS if head == "probe" else ()
+    shared = {
+        key: value
+        for key, value in config["importance"].items()
+        if key != "head" and (key not in PROBE_KEYS or key in probe)
+    }
+    return {**shared, "head": head}
+
+
+def scoring_settings(wildcards):
+    """score_importance's importance settings, for its {head}."""
+    return importance_settings(wildcards.head)
+
+
+def strategy_importance_settings(wildcards):
+    """The importance settings of the scores strategy {strategy} uses."""
+    return importance_settings(scoring_head(wildcards))
+
+
+def strategy_scores(file):
+    """An input function: `file` of the importance scores strategy {strategy} uses, {shots}."""
+
+    def path(wildcards):
+        return str(SCORED / file).format(
+            shots=wildcards.shots, head=scoring_head(wildcards)
+        )
+
+    return path

@@ -20,9 +20,10 @@ rule finetune:
         train=DATA / "train_k{shots}.parquet",
         val=DATA / "val_k{shots}.parquet",
         info=DATA / "data.json",
-        scores=IMPORTANCE / "k{shots}/scores.parquet",
-        layers=IMPORTANCE / "k{shots}/layers.parquet",
-        heatmap=IMPORTANCE / "k{shots}/heatmap.png",
+        scores=strategy_scores("scores.parquet"),
+        layers=strategy_scores("layers.parquet"),
+        heatmap=strategy_scores("heatmap.png"),
+        head=strategy_scores("head.json"),
         # Only that the experiment exists: where runs are tracked is not part of what is
         # computed, so a new tracking URI retrains nothing.
         experiment=ancient(EXP / "mlflow_experiment.json"),
@@ -46,6 +47,6 @@ rule finetune:
         # Logged with the run's resolved config; a change to either reruns this job already
         # (through its data and plan inputs).
         data=data_settings,
-        importance=config["importance"],
+        importance=strategy_importance_settings,
     script:
         "../scripts/finetune.py"

@@ -3,24 +3,27 @@ rule score_importance:
         train=DATA / "train_k{shots}.parquet",
         info=DATA / "data.json",
     output:
-        scores=IMPORTANCE / "k{shots}/scores.parquet",
-        layers=IMPORTANCE / "k{shots}/layers.parquet",
+        scores=SCORED / "scores.parquet",
+        layers=SCORED / "layers.parquet",
         heatmap=report(
-            IMPORTANCE / "k{shots}/heatmap.png",
+            SCORED / "heatmap.png",
             caption="../report/heatmap.rst",
             category="Importance",
-            subcategory="{shots} shots",
+            subcategory="{shots} shots, {head} head",
         ),
-        agreement=IMPORTANCE / "k{shots}/agreement.csv",
+        agreement=SCORED / "agreement.csv",
+        head=SCORED / "head.json",
     log:
-        LOGS / "score_importance/k{shots}.log",
+        LOGS / "score_importance/k{shots}/{head}.log",
     benchmark:
-        BENCH / "score_importance/k{shots}.tsv"
+        BENCH / "score_importance/k{shots}/{head}.tsv"
+    wildcard_constraints:
+        head="random|probe",
     conda:
         ENV
     threads: 4
     params:
-        importance=config["importance"],
+        importance=scoring_settings,
         model=config["model"],
         model_content=EXTERNAL.model_fingerprint,
     script:

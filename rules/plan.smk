@@ -1,7 +1,7 @@
 rule make_freeze_plan:
     input:
-        scores=IMPORTANCE / "k{shots}/scores.parquet",
-        layers=IMPORTANCE / "k{shots}/layers.parquet",
+        scores=strategy_scores("scores.parquet"),
+        layers=strategy_scores("layers.parquet"),
     output:
         plan=PLANS / "k{shots}/{strategy}.json",
         summary=PLANS / "k{shots}/{strategy}.md",

@@ -22,7 +22,7 @@ with to_log_file(snakemake.log[0]):
         train=train,
         inputs=dict(snakemake.input.items()),
         outputs=dict(snakemake.output.items()),
-        artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap")},
+        artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap", "head")},
         resolved={"data": snakemake.params.data, "importance": snakemake.params.importance},
     )
     devices = train.get("devices", 1)

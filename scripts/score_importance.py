@@ -24,4 +24,5 @@ with to_log_file(snakemake.log[0]), gpus.claimed(1):
         snakemake.output.layers,
         snakemake.output.heatmap,
         snakemake.output.agreement,
+        snakemake.output.head,
     )

@@ -33,7 +33,7 @@ def test_bundled_minilm_end_to_end(tmp_path):
     flow.run("--cores", "2")
     results = flow.results("minilm")
 
-    scores = pd.read_parquet(results / "importance/k4/scores.parquet")
+    scores = pd.read_parquet(results / "importance/k4/random/scores.parquet")
     # 103 pretrained tensors (22,713,216 weights) and the new 5-class head on 384 features
     assert len(scores) == 105 and scores["numel"].sum() == 22_713_216 + 384 * 5 + 5
     layers = scores.drop_duplicates("layer_index").sort_values("layer_index")["layer"]

@@ -79,7 +79,7 @@ def validate_config_copy(experiment: dict) -> dict:
         ),
         (
             lambda c: c.update(trian={}),
-            r"^the config: unknown key 'trian'; allowed here: baselines, data, evaluate, experiment",
+            r"^the config: unknown key .trian.; allowed here: baselines, data, evaluate, ",
         ),
         (
             lambda c: c["model"].update(image_size=8),

@@ -73,7 +73,7 @@ def test_every_image_stage_ran_and_the_leaderboard_compares_them(workflow):
     plan = json.loads((results / "plans/k4/importance_budget.json").read_text())
     frozen = {t["name"]: t["frozen"] for t in plan["tensors"]}
     assert not frozen["fc.weight"] and any(frozen.values())
-    layers = pd.read_parquet(results / "importance/k4/layers.parquet")
+    layers = pd.read_parquet(results / "importance/k4/random/layers.parquet")
     assert {"layer1", "layer4", "head"} <= set(layers["layer"])
     saved = json.loads((results / "runs/full/k4/seed0/model/adaptune_model.json").read_text())
     assert saved["name"] == "timm:test_resnet" and saved["transform"] == info["transform"]

@@ -4,6 +4,7 @@ config changes (dry runs against the finished results)."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import re
 import sqlite3
@@ -80,10 +81,10 @@ def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
     assert info["num_labels"] == 5 and len(info["fingerprint"]) == 64
     few = pd.read_parquet(results / "data/train_k4.parquet")
     assert few["label"].value_counts().eq(4).all()
-    scores = pd.read_parquet(results / "importance/k4/scores.parquet")
+    scores = pd.read_parquet(results / "importance/k4/random/scores.parquet")
     assert set(scores["layer"]) == {"input", "block01", "block02", "output", "head"}
-    assert (results / "importance/k4/heatmap.png").stat().st_size > 10_000
-    agreement = pd.read_csv(results / "importance/k4/agreement.csv", index_col=0)
+    assert (results / "importance/k4/random/heatmap.png").stat().st_size > 10_000
+    agreement = pd.read_csv(results / "importance/k4/random/agreement.csv", index_col=0)
     assert {"grad_norm", "fisher", "hessian_trace", "combined"} <= set(agreement.columns)
     assert (results / "plans/k4/full.png").stat().st_size > 10_000
     plan = json.loads((results / "plans/k4/head_only.json").read_text())
@@ -134,6 +135,7 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
             "importance/scores.parquet",
             "importance/layers.parquet",
             "importance/heatmap.png",
+            "importance/head.json",
         }
         evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
         assert "evaluation/confusion.png" in evaluation
@@ -305,7 +307,7 @@ def test_a_combined_layer_plan_follows_the_weighted_layer_scores(tmp_path, tiny_
     flow = Workflow(tmp_path, config)
     flow.run("--cores", "2", "--until", "make_freeze_plan")
     results = flow.results("combine")
-    layers = pd.read_parquet(results / "importance/k4/layers.parquet")
+    layers = pd.read_parquet(results / "importance/k4/random/layers.parquet")
     body = layers[layers["layer_kind"] != "head"].sort_values("combined_per_element")
     # Weight norms dominate the weighted ranks: the output layer is the least important, then
     # the input layer (with equal weights, depth would put the input layer first, alone).
@@ -363,3 +365,72 @@ def test_adaptune_predict_writes_probabilities_that_reproduce_the_test_accuracy(
     assert accuracy == pytest.approx(reported, abs=1e-9)
     assert main(["predict", str(model), str(tmp_path / "missing.csv")]) == 1
     assert "missing.csv: no such file" in capsys.readouterr().err
+
+
+def test_each_strategy_plans_from_the_scores_of_its_head(tmp_path, tiny_bert_dir):
+    """One score_importance job per head a strategy uses: an importance strategy with
+    ``head: probe`` plans from (and trains with) the probed head's scores, the others from the
+    random head's (importance.head); the probe's settings rerun the probe branch alone."""
+    from adaptune import strategies
+    from adaptune.plans import Plan, ScoreTables
+
+    config = tiny_config(tiny_bert_dir, experiment="heads")
+    config["importance"].update(metrics=["weight_l2", "grad_norm", "fisher"], probe_epochs=2)
+    freeze = {"kind": "importance", "metric": "fisher", "freeze": {"fraction": 0.5}}
+    config["strategies"] = {
+        "full": {"kind": "full"},
+        "freeze_random": freeze,
+        "freeze_probe": {**freeze, "head": "probe"},
+    }
+    flow = Workflow(tmp_path, config)
+    flow.run("--cores", "2", "--until", "make_freeze_plan")
+    importance = flow.results("heads") / "importance/k4"
+    assert sorted(p.name for p in importance.iterdir()) == ["probe", "random"]
+    assert json.loads((importance / "random/head.json").read_text()) == {"head": "random"}
+    probed = json.loads((importance / "probe/head.json").read_text())
+    assert probed["head"] == "probe" and probed["probe_epochs"] == 2
+    assert probed["probe_seconds"] > 0 and 0 <= probed["train_accuracy"] <= 1
+
+    tables = {
+        head: ScoreTables.read(
+            importance / head / "scores.parquet", importance / head / "layers.parquet"
+        )
+        for head in ("random", "probe")
+    }
+    head_rows = tables["random"].tensors["is_head"]
+    # The probe moved the head: its weights' norms differ, the body's do not.
+    random_l2, probe_l2 = (tables[h].tensors["weight_l2"] for h in ("random", "probe"))
+    assert (random_l2[head_rows] != probe_l2[head_rows]).all()
+    assert (random_l2[~head_rows] == probe_l2[~head_rows]).all()
+    for name, head in (("freeze_random", "random"), ("freeze_probe", "probe")):
+        plan = Plan.load(flow.results("heads") / f"plans/k4/{name}.json")
+        other = "probe" if head == "random" else "random"
+        assert plan.tensors == strategies.build_plan(tables[head], name, freeze).tensors
+        assert plan.tensors != strategies.build_plan(tables[other], name, freeze).tensors
+
+    # finetune reads, and logs, the scores of its strategy's head.
+    planned = re.split(r"^rule ", flow.run("-n", "--until", "finetune").stdout, flags=re.M)
+    finetune_inputs = {
+        re.search(r"strategy=([\w-]+),", job).group(1): re.search(r"input: ([^\n]*)", job).group(1)
+        for job in planned
+        if job.startswith("finetune:")
+    }
+    for name, head in (("full", "random"), ("freeze_random", "random"), ("freeze_probe", "probe")):
+        for file in ("scores.parquet", "head.json"):
+            assert f"importance/k4/{head}/{file}" in finetune_inputs[name], name
+
+    def rerun(edit):
+        edited = copy.deepcopy(config)
+        edit(edited)
+        flow.write_config(edited)
+        return flow.dry_run_jobs("--until", "make_freeze_plan")
+
+    probe_branch = {"score_importance": 1, "make_freeze_plan": 1}
+    assert rerun(lambda c: c["importance"].update(probe_epochs=3)) == probe_branch
+    assert rerun(lambda c: c["importance"].update(probe_lr=0.1)) == probe_branch
+    both = {"score_importance": 2, "make_freeze_plan": 3}
+    assert rerun(lambda c: c["importance"].update(batches=2)) == both
+    # Naming the head importance.head already gives changes nothing; importance.head: probe
+    # moves every strategy without a head of its own onto the (up-to-date) probe scores.
+    assert rerun(lambda c: c["strategies"]["freeze_random"].update(head="random")) == {}
+    assert rerun(lambda c: c["importance"].update(head="probe")) == {"make_freeze_plan": 2}

@@ -136,7 +136,9 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ImportanceSettings:
-    """How importance is scored (``importance:``)."""
+    """How importance is scored (``importance:``): ``head`` says through which head, the new
+    one as initialised (``random``) or after a linear probe of ``probe_epochs`` at ``probe_lr``
+    (``probe``)."""
 
     metrics: list[str]
     batches: int
@@ -147,6 +149,9 @@ class ImportanceSettings:
     per_example: str
     combine: dict[str, float]
     seed: int
+    head: str
+    probe_epochs: int
+    probe_lr: float
 
     def __post_init__(self) -> None:
         if "combined" in self.metrics and len(self.metrics) < 2:

@@ -103,6 +103,9 @@ class PrefixState:
         try:
             batch_size = self.settings.eval_batch_size
             for split, examples in (("train", self.train), ("val", self.val)):
+                if split == "val" and self.val is self.train:
+                    cache.stores["val"] = cache.stores["train"]  # captured once
+                    continue
                 batches = loader(examples, batch_size, by_length=True)
                 cache.capture(split, batches, len(examples), self.device)
             problem = self._check(cache)
@@ -113,15 +116,15 @@ class PrefixState:
             cache.close()
             self.enabled = False
             return None
+        stores = {id(store): store for store in cache.stores.values()}.values()
         log.info(
-            "feature cache: every layer below %s frozen; the inputs of %s cached for %d + %d "
+            "feature cache: every layer below %s frozen; the inputs of %s cached for %s "
             "examples in %.1f s (%.0f MB in memory)",
             boundary.layer,
             boundary.inject,
-            len(self.train),
-            len(self.val),
+            len(self.train) if len(stores) == 1 else f"{len(self.train)} + {len(self.val)}",
             time.perf_counter() - start,
-            sum(s.used for s in cache.stores.values()) / 1e6,
+            sum(store.used for store in stores) / 1e6,
         )
         self.cache = cache
         return cache
@@ -206,9 +209,11 @@ def finetune(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     workers: int = 0,
     on_steps: Callable[[list[dict[str, float]]], None] | None = None,
+    restore_best: bool = True,
 ) -> TrainResult:
     """Train ``task.model`` in place under ``plan``; on return it holds the weights of the epoch
-    with the best validation macro-F1 (ties: the earlier epoch).
+    with the best validation macro-F1 (ties: the earlier epoch), or with ``restore_best=False``
+    those of the last epoch (a probe trained for a set number of epochs).
 
     Only trainable tensors are copied for the best checkpoint: frozen ones never change. With
     ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
@@ -252,7 +257,9 @@ def finetune(
         f" x {world.size} processes" if world.size > 1 else "",
     )
     train_examples = task.modality.examples(train, info, settings.augment, seed)
-    val_examples = task.modality.examples(val, info)
+    # Validating on the training split itself (a probe): one set of examples, cached once.
+    same = val is train and not settings.augment
+    val_examples = train_examples if same else task.modality.examples(val, info)
     prefix = PrefixState(task, settings, train_examples, val_examples, device)
     generator = torch.Generator().manual_seed(seed)
     labels = val["label_id"].to_numpy()
@@ -355,12 +362,16 @@ def finetune(
     prefix.close()
     replicas.close()
     assert best is not None
-    with torch.no_grad():
-        for param, saved in zip(trainable, best[2], strict=True):
-            param.copy_(saved)
-    log.info(
-        "best epoch %d (val macro-F1 %.4f); %d tensors restored", best[1], best[0], len(trainable)
-    )
+    if restore_best:
+        with torch.no_grad():
+            for param, saved in zip(trainable, best[2], strict=True):
+                param.copy_(saved)
+        log.info(
+            "best epoch %d (val macro-F1 %.4f); %d tensors restored",
+            best[1],
+            best[0],
+            len(trainable),
+        )
     hooks.finish(run)
     warnings = training_warnings(
         steps_per_epoch * settings.epochs, history[-1]["train_loss"], classes

@@ -31,7 +31,9 @@ __all__ = [
     "parse",
 ]
 
-OWN_KEYS_EXCLUDED = ("kind", "train")
+# Keys of a strategy that are not its kind's settings: the kind itself, the training overrides,
+# and which importance scores the plan is made from (the workflow gives the builder that file).
+OWN_KEYS_EXCLUDED = ("kind", "train", "head")
 
 
 @functools.cache
