@@ -25,9 +25,10 @@ import yaml
 from adaptune import config as schema
 from adaptune import modalities, strategies
 from adaptune.data import prepare, sample_few_shot
-from adaptune.importance import calibration_batches, layer_table, probe_head, score_model
+from adaptune.importance import calibration_batches, layer_table, score_model
 from adaptune.plans import ScoreTables
 from adaptune.runtime import select_device
+from adaptune.scoring import probe_head
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings
 
 GRADIENT_METRICS = ("grad_norm", "fisher", "hessian_trace")

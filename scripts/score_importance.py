@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from adaptune import gpus
-from adaptune.importance import run_score_importance
 from adaptune.logs import to_log_file
+from adaptune.scoring import run_score_importance
 from adaptune.settings import ImportanceSettings, ModelSettings
 
 if TYPE_CHECKING:

@@ -131,7 +131,7 @@ def test_a_probed_head_leaves_the_body_untouched_and_the_gradients_to_it(minilm_
     alone (well above chance on its training split), a tenth of that, while every body weight
     stays bit for bit the pretrained one."""
     from adaptune import modalities
-    from adaptune.importance import probe_head
+    from adaptune.scoring import probe_head
     from adaptune.settings import ImportanceSettings
 
     model, few, info = minilm_news

@@ -16,7 +16,8 @@ batches do not move. Scoring never changes a weight.
 
 The gradient metrics depend on the head they are taken through. A new head, as initialised,
 predicts nothing, and its gradients dwarf the pretrained body's; with ``importance.head: probe``
-the head is first fitted alone on the few-shot training split (:func:`probe_head`, LP-FT's
+the head is first fitted alone on the few-shot training split
+(:func:`adaptune.scoring.probe_head`, LP-FT's
 linear probe), so that the body is scored through a head that has learnt the task.
 
 The score table has one row per tensor: ``name, shape, numel, layer, layer_index, layer_kind,
@@ -29,13 +30,11 @@ the model, 1 = most important); Monte Carlo metrics add ``<metric>_se`` (standar
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,17 +43,9 @@ import torch
 from torch import func, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adaptune import modalities, strategies
 from adaptune.data import batches as split_batches
-from adaptune.data import read_data_info, read_split
-from adaptune.errors import ConfigError
-from adaptune.figures import plot_heatmap
 from adaptune.layers import Layer, assign_layers, relative_depth
 from adaptune.modalities import Batch, TaskModel
-from adaptune.plans import ScoreTables
-from adaptune.runtime import select_device
-from adaptune.settings import ImportanceSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
 
 log = logging.getLogger(__name__)
 
@@ -402,87 +393,6 @@ def tensor_table(task: TaskModel, layers: dict[str, Layer] | None = None) -> pd.
     )
 
 
-@dataclass(frozen=True)
-class ProbeResult:
-    """What :func:`probe_head` did: its settings, its seconds (the frozen-feature cache
-    included), and the loss and accuracy of the probed model on the whole training split, in
-    eval mode, after the last epoch."""
-
-    probe_epochs: int
-    probe_lr: float
-    probe_seconds: float
-    train_loss: float
-    train_accuracy: float
-
-
-def probe_head(
-    task: TaskModel,
-    train: pd.DataFrame,
-    info: Mapping[str, Any],
-    settings: ImportanceSettings,
-    device: torch.device,
-) -> ProbeResult:
-    """Fit the new head alone before scoring: LP-FT's linear probe (Kumar et al. 2022), its
-    first phase, on the few-shot training split ``train``.
-
-    The probe is a fine-tuning run of ``settings.probe_epochs`` epochs under the ``head_only``
-    kind's plan, through :func:`adaptune.training.finetune`: the body is frozen, so its
-    features are computed once per example and only the head runs each step
-    (:mod:`adaptune.prefix`). AdamW at ``settings.probe_lr`` decaying linearly to 0, no warm-up,
-    the schema's ``train`` defaults otherwise (batches of 16), seeded from ``settings.seed``.
-    The run validates on the training split itself and keeps the last epoch's head. Only the
-    head's weights change; ``requires_grad`` flags and train/eval mode are restored. Cost: one
-    forward pass of the body per training example, then the head's epochs (MiniLM, 80
-    examples, two CPU threads: 2.3 s, a quarter of scoring with every metric).
-    """
-    if not task.head:
-        raise ConfigError(
-            "importance.head = 'probe', but the model has no new head to probe; use "
-            "importance.head: random"
-        )
-    model = task.model
-    skeleton = tensor_table(task)
-    plan = strategies.build_plan(
-        ScoreTables(skeleton, skeleton.iloc[:0]), "head_probe", {"kind": "head_only"}
-    )
-    probe = TrainSettings.from_config(
-        {"lr": settings.probe_lr, "epochs": settings.probe_epochs, "warmup_ratio": 0.0}
-    )
-    log.info(
-        "head probe: the new head alone for %d epochs at lr %g on %d training examples "
-        "(its 'val' rows are the training split)",
-        settings.probe_epochs,
-        settings.probe_lr,
-        len(train),
-    )
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    start = time.perf_counter()
-    try:
-        result = finetune(
-            task, plan, train, train, probe, settings.seed, info, device, restore_best=False
-        )
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        model.train(was_training)
-    last = result.history.iloc[-1]
-    outcome = ProbeResult(
-        probe_epochs=settings.probe_epochs,
-        probe_lr=settings.probe_lr,
-        probe_seconds=time.perf_counter() - start,
-        train_loss=float(last["val_loss"]),
-        train_accuracy=float(last["val_accuracy"]),
-    )
-    log.info(
-        "head probe: %.2f s; on the training split: loss %.4f, accuracy %.4f",
-        outcome.probe_seconds,
-        outcome.train_loss,
-        outcome.train_accuracy,
-    )
-    return outcome
-
-
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode (dropout off, BatchNorm statistics frozen) with every parameter differentiable;
@@ -606,58 +516,3 @@ def calibration_batches(
     order = np.random.default_rng(seed).permutation(len(frame))
     chosen = np.resize(order, count * batch_size)
     return list(split_batches(frame.iloc[chosen], batch_size, data_info))
-
-
-def run_score_importance(
-    train_path: str,
-    data_info_path: str,
-    model: ModelSettings,
-    settings: ImportanceSettings,
-    scores_path: str,
-    layers_path: str,
-    heatmap_path: str,
-    agreement_path: str,
-    head_path: str | None = None,
-) -> pd.DataFrame:
-    """The ``score_importance`` stage: score the pretrained model (with its new head, initialised
-    from ``settings.seed``, and with ``settings.head == "probe"`` fitted by :func:`probe_head`
-    first) on calibration batches of the few-shot training split. ``head_path`` receives which
-    head was scored (and the probe's outcome) as JSON."""
-    info = read_data_info(data_info_path)
-    train = read_split(train_path)
-    task = modalities.get(info).load_pretrained(model, info["labels"], settings.seed, info)
-    # On the GPU where there is one: per-example gradients then go through torch.func's vmap.
-    device = select_device("auto")
-    task.model.to(device)
-    scored: dict[str, Any] = {"head": settings.head}
-    title = f"{model.name}: per-element importance by layer"
-    if settings.head == "probe":
-        scored.update(asdict(probe_head(task, train, info, settings, device)))
-        title += f", head probed {settings.probe_epochs} epochs"
-    batches = [
-        {key: value.to(device) for key, value in batch.items()}
-        for batch in calibration_batches(
-            train, settings.batches, settings.batch_size, info, settings.seed
-        )
-    ]
-    log.info("scoring on %s", device)
-    table, seconds = score_model(
-        task,
-        batches,
-        settings.metrics,
-        probes=settings.hutchinson_probes,
-        hessian_examples=settings.hessian_examples,
-        chunk_size=settings.chunk_size,
-        per_example=settings.per_example,
-        seed=settings.seed,
-        combine=settings.combine,
-    )
-    table.to_parquet(scores_path, index=False)
-    layers = layer_table(table, settings.combine)
-    layers.to_parquet(layers_path, index=False)
-    plot_heatmap(layers, metric_columns(layers), heatmap_path, title)
-    metric_agreement(table).to_csv(agreement_path, float_format="%.4f")
-    log.info("seconds per metric: %s", {k: round(v, 2) for k, v in seconds.items()})
-    if head_path is not None:
-        Path(head_path).write_text(json.dumps(scored, indent=2) + "\n")
-    return table
