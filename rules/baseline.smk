@@ -2,6 +2,7 @@ rule fit_baseline:
     input:
         train=DATA / "train_k{shots}.parquet",
         test=DATA / "test.parquet",
+        shifted=expand(DATA / "shifts/{shift}.parquet", shift=SHIFTS),
         info=DATA / "data.json",
         experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
@@ -15,5 +16,7 @@ rule fit_baseline:
         BENCH / "fit_baseline/{baseline}/k{shots}.tsv"
     conda:
         ENV
+    params:
+        shifts=SHIFTS,
     script:
         "../scripts/fit_baseline.py"

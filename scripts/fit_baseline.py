@@ -17,4 +17,5 @@ with to_log_file(snakemake.log[0]):
         snakemake.input.info,
         snakemake.input.experiment,
         outputs=dict(snakemake.output.items()),
+        shifted=dict(zip(snakemake.params.shifts, snakemake.input.shifted, strict=True)),
     )

@@ -5,13 +5,20 @@ regression on pixels for images; see :class:`adaptune.modalities.Baseline`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 
 from adaptune import modalities, tracking
 from adaptune.data import read_data_info, read_split
 from adaptune.errors import ConfigError
-from adaptune.evaluation import evaluate_predictions, log_evaluation, save_evaluation
+from adaptune.evaluation import (
+    evaluate_predictions,
+    log_evaluation,
+    save_evaluation,
+    shift_metrics,
+)
 
 
 def run_baseline(
@@ -22,9 +29,11 @@ def run_baseline(
     data_info_path: str,
     experiment_path: str,
     outputs: dict[str, str],
+    shifted: Mapping[str, str] | None = None,
 ) -> dict:
-    """Fit baseline ``name`` on the few-shot split, evaluate it on the test split like the
-    fine-tuned models, and record it as an MLflow run."""
+    """Fit baseline ``name`` on the few-shot split, evaluate it on the test split and on each
+    shifted copy of it (``shifted``: name -> path) like the fine-tuned models, and record it as
+    an MLflow run."""
     info = read_data_info(data_info_path)
     modality = modalities.get(info)
     if name not in modality.baselines:
@@ -37,11 +46,18 @@ def run_baseline(
     start = time.perf_counter()
     model = baseline.make(0).fit(baseline.features(train), train["label_id"])
     train_seconds = time.perf_counter() - start
-    probabilities = np.zeros((len(test), len(info["labels"])))
-    probabilities[:, model.classes_] = model.predict_proba(baseline.features(test))
-    logits = np.log(np.clip(probabilities, 1e-12, 1)).astype(np.float32)
+
+    def scores_of(split: pd.DataFrame) -> np.ndarray:
+        """Log-probabilities over every class (one the few-shot split lacks: log 1e-12)."""
+        probabilities = np.zeros((len(split), len(info["labels"])))
+        probabilities[:, model.classes_] = model.predict_proba(baseline.features(split))
+        return np.log(np.clip(probabilities, 1e-12, 1)).astype(np.float32)
+
     metrics, per_class, matrix = evaluate_predictions(
-        test["label_id"].to_numpy(), logits, info["labels"]
+        test["label_id"].to_numpy(), scores_of(test), info["labels"]
+    )
+    metrics.update(
+        shift_metrics(scores_of, shifted or {}, len(info["labels"]), metrics["test_macro_f1"])
     )
     classifier = model[-1]
     experiment = tracking.read_experiment(experiment_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,25 +218,22 @@ def run_shift_split(
 
 
 def shift_metrics(
-    task: TaskModel,
+    scores_of: Callable[[pd.DataFrame], np.ndarray],
     shifted: Mapping[str, str],
-    batch_size: int,
-    info: Mapping[str, Any],
-    device: torch.device,
-    precision: str,
+    num_labels: int,
     in_distribution: float,
 ) -> dict[str, Any]:
-    """Macro-F1 and accuracy on each shifted test split (``shifted``: name -> path), their
-    means (``shift_macro_f1``, ``shift_accuracy``) and the drop from the in-distribution
-    macro-F1 (``shift_drop``); nothing when no shift is configured."""
+    """Macro-F1 and accuracy on each shifted test split (``shifted``: name -> path) of the
+    model whose class scores for a split ``scores_of`` returns, their means
+    (``shift_macro_f1``, ``shift_accuracy``) and the drop from the in-distribution macro-F1
+    (``shift_drop``); nothing when no shift is configured."""
     if not shifted:
         return {}
     scores = {}
     for name, path in shifted.items():
         split = read_split(path)
-        logits = predict(task, split, batch_size, info, device, precision)
         scores[name] = classification_metrics(
-            split["label_id"].to_numpy(), logits.argmax(axis=1), len(info["labels"])
+            split["label_id"].to_numpy(), scores_of(split).argmax(axis=1), num_labels
         )
         log.info(
             "shift %s: macro-F1 %.4f, accuracy %.4f",
@@ -281,12 +278,9 @@ def run_evaluate(
     )
     metrics.update(
         shift_metrics(
-            task,
+            lambda split: predict(task, split, batch_size, info, torch_device, precision),
             shifted or {},
-            batch_size,
-            info,
-            torch_device,
-            precision,
+            len(info["labels"]),
             metrics["test_macro_f1"],
         )
     )
