@@ -456,6 +456,11 @@ def start_until_training(flow: Workflow) -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # As in a terminal's foreground. Started in the background by a non-interactive shell
+        # (as a CI runner may start the suite), every process inherits SIGINT ignored: Python
+        # then never raises KeyboardInterrupt and snakemake goes on scheduling jobs after
+        # "Ctrl-C" (what made this test hang in CI once; reproduced with `nohup ... &`).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     run_id = flow.results("faults") / "runs/full/k2/seed0/mlflow_run_id"
     deadline = time.time() + 240
