@@ -392,7 +392,7 @@ def html_page(markdown_lines: str, best: pd.DataFrame, config: Mapping[str, Any]
     flush()
     body.append("<h2>Config</h2><pre>" + html.escape(yaml.safe_dump(dict(config))) + "</pre>")
     style = (
-        "body{font-family:sans-serif;margin:1.5em;max-width:70em}"
+        "body{font-family:sans-serif;margin:1.5em;max-width:120em}td{white-space:nowrap}"
         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
         "padding:2px 8px;text-align:right}th{background:#eee}td:nth-child(-n+2){text-align:left}"
         ".headline{font-size:1.1em;background:#eef6ee;padding:6px}"
