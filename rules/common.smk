@@ -32,6 +32,14 @@ except ImportError:
     from types import SimpleNamespace
 
     validate(config, schema="../config/schema.yaml")
+    # A strategy's sweep becomes one strategy per value in adaptune.sweeps: without it, the
+    # sweep would be silently ignored.
+    swept = [name for name, spec in config["strategies"].items() if "sweep" in spec]
+    if swept:
+        raise ValueError(
+            f"strategies {', '.join(swept)}: sweep: needs the adaptune package where snakemake "
+            "runs (pip install -e . in snakemake's environment)"
+        )
     EXTERNAL = SimpleNamespace(
         source_fingerprint="", model_fingerprint="", downloads=False
     )
