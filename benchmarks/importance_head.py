@@ -76,12 +76,7 @@ def main() -> None:
             task,
             batches,
             importance.metrics,
-            probes=importance.hutchinson_probes,
-            hessian_examples=importance.hessian_examples,
-            chunk_size=importance.chunk_size,
-            per_example=importance.per_example,
-            seed=importance.seed,
-            combine=importance.combine,
+            **importance.scoring_options(),
         )
         scoring = time.perf_counter() - start
         tables[head] = table

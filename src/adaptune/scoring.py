@@ -157,12 +157,7 @@ def run_score_importance(
         task,
         batches,
         settings.metrics,
-        probes=settings.hutchinson_probes,
-        hessian_examples=settings.hessian_examples,
-        chunk_size=settings.chunk_size,
-        per_example=settings.per_example,
-        seed=settings.seed,
-        combine=settings.combine,
+        **settings.scoring_options(),
     )
     table.to_parquet(scores_path, index=False)
     layers = layer_table(table, settings.combine)

@@ -153,6 +153,17 @@ class ImportanceSettings:
     probe_epochs: int
     probe_lr: float
 
+    def scoring_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`adaptune.importance.score_model` these settings set."""
+        return {
+            "probes": self.hutchinson_probes,
+            "hessian_examples": self.hessian_examples,
+            "chunk_size": self.chunk_size,
+            "per_example": self.per_example,
+            "seed": self.seed,
+            "combine": self.combine,
+        }
+
     def __post_init__(self) -> None:
         if "combined" in self.metrics and len(self.metrics) < 2:
             raise ConfigError("importance.metrics: 'combined' needs other metrics to combine")
