@@ -33,3 +33,4 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+        stage_outputs(),

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptune import distributed, modalities
+from adaptune import distributed, modalities, training
 from adaptune.data import prepare, sample_few_shot
 from adaptune.plans import Plan, TensorPlan
 from adaptune.settings import DataSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
 
 MODEL = "bundled:all-MiniLM-L6-v2"
 
@@ -45,7 +44,7 @@ def train_run(job: dict[str, Any]) -> None:
     splits, info = prepare(data, model)
     train = sample_few_shot(splits["train"], job["shots"], 0)
     val = sample_few_shot(splits["val"], 2, 0)
-    task = modalities.get(info).load_pretrained(model, info["labels"], 0, info)
+    task = modalities.for_data(info).load_pretrained(model, 0)
     plan = Plan(
         "full",
         "full",
@@ -57,7 +56,7 @@ def train_run(job: dict[str, Any]) -> None:
     settings = TrainSettings.from_config(
         {"epochs": job["epochs"], "batch_size": job["batch_size"], "device": "cpu"}
     )
-    result = finetune(task, plan, train, val, settings, 0, info, torch.device("cpu"))
+    result = training.train(task, plan, train, val, settings, 0, torch.device("cpu"))
     if world.is_main:
         steps = -(-len(train) // settings.batch_size) * settings.epochs
         Path(job["out"]).write_text(

@@ -24,20 +24,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaptune import modalities, strategies
+from adaptune import modalities, strategies, training
 from adaptune.data import prepare, sample_few_shot
+from adaptune.data_info import DataInfo
 from adaptune.importance import layer_table, score_model
 from adaptune.modalities import TaskModel
 from adaptune.plans import ScoreTables
 from adaptune.settings import DataSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
 
 # Peak dense bf16 FLOP/s by device name (vendor figures), for the utilisation column.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def load(model: ModelSettings, info: dict, seed: int = 0) -> TaskModel:
-    return modalities.get(info).load_pretrained(model, info["labels"], seed, info)
+def load(model: ModelSettings, info: DataInfo, seed: int = 0) -> TaskModel:
+    return modalities.for_data(info).load_pretrained(model, seed)
 
 
 def trains(task: TaskModel, mode: str) -> Callable[[str], bool]:
@@ -129,7 +129,7 @@ def adaptune_loop(task: TaskModel, train, val, info, settings, mode: str, device
     scores, _ = score_model(task, [], ["weight_l2"])
     tables = ScoreTables(scores, layer_table(scores))
     plan = strategies.build_plan(tables, mode, {"kind": mode})
-    result = finetune(task, plan, train, val, settings, 0, info, device)
+    result = training.train(task, plan, train, val, settings, 0, device)
     return len(train) * settings.epochs / result.train_seconds
 
 

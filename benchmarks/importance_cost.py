@@ -19,12 +19,11 @@ import torch
 import yaml
 
 from adaptune import config as schema
-from adaptune import modalities, strategies
+from adaptune import modalities, strategies, training
 from adaptune.data import prepare, sample_few_shot
 from adaptune.importance import METRICS, calibration_batches, layer_table, score_model
 from adaptune.plans import ScoreTables
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
 
 
 def peak_rss_mb() -> float:
@@ -45,10 +44,10 @@ def main() -> None:
     model_name = model.name
 
     splits, info = prepare(data, model)
-    modality = modalities.get(info)
+    modality = modalities.for_data(info)
     few = sample_few_shot(splits["train"], args.shots, data.seed)
     batches = calibration_batches(
-        few, importance.batches, importance.batch_size, info, importance.seed
+        modality, few, importance.batches, importance.batch_size, importance.seed
     )
     options = {
         "probes": importance.hutchinson_probes,
@@ -60,27 +59,28 @@ def main() -> None:
     }
     rows = []
     for name in [m for m in METRICS if m in importance.metrics]:
-        task = modality.load_pretrained(model, info["labels"], importance.seed, info)
+        task = modality.load_pretrained(model, importance.seed)
         _, seconds = score_model(task, batches, [name], **options)
         rows.append((name, seconds[name], peak_rss_mb()))
-    task = modality.load_pretrained(model, info["labels"], importance.seed, info)
+    task = modality.load_pretrained(model, importance.seed)
     _, seconds = score_model(task, batches, importance.metrics, **options)
     together = sum(seconds.values())
 
-    task = modality.load_pretrained(model, info["labels"], 0, info)
+    task = modality.load_pretrained(model, 0)
     scores, _ = score_model(task, batches[:1], ["weight_l2"])
     plan = strategies.build_plan(ScoreTables(scores, layer_table(scores)), "full", {"kind": "full"})
     epoch = TrainSettings.from_config({**config["train"], "epochs": 1})
     start = time.perf_counter()
-    result = finetune(task, plan, few, few.head(8), epoch, 0, info, torch.device("cpu"))
+    result = training.train(task, plan, few, few.head(8), epoch, 0, torch.device("cpu"))
     epoch_seconds = result.train_seconds
     wall = time.perf_counter() - start
 
     examples = importance.batches * importance.batch_size
     print(
-        f"\nmodel {model_name}, {args.shots} shots x {info['num_labels']} classes "
-        f"({len(few)} examples), {info['modality']} input "
-        f"{info.get('transform', {}).get('input_size') or f'max_length {data.max_length}'}, "
+        f"\nmodel {model_name}, {args.shots} shots x {info.num_labels} classes "
+        f"({len(few)} examples), {info.modality} input "
+        f"{info.encoding.get('transform', {}).get('input_size') or f'max_length {data.max_length}'}"
+        ", "
         f"{args.threads} threads"
     )
     print(

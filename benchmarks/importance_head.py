@@ -25,9 +25,9 @@ import yaml
 from adaptune import config as schema
 from adaptune import modalities, strategies
 from adaptune.data import prepare, sample_few_shot
+from adaptune.devices import select_device
 from adaptune.importance import calibration_batches, layer_table, score_model
 from adaptune.plans import ScoreTables
-from adaptune.runtime import select_device
 from adaptune.scoring import probe_head
 from adaptune.settings import DataSettings, ImportanceSettings, ModelSettings
 
@@ -53,7 +53,7 @@ def main() -> None:
     data = DataSettings.from_config(config["data"])
     model = ModelSettings.from_config(config["model"])
     splits, info = prepare(data, model)
-    modality = modalities.get(info)
+    modality = modalities.for_data(info)
     few = sample_few_shot(splits["train"], args.shots, data.seed)
     device = select_device("auto")
 
@@ -63,14 +63,14 @@ def main() -> None:
         batches = [
             {k: v.to(device) for k, v in batch.items()}
             for batch in calibration_batches(
-                few, importance.batches, importance.batch_size, info, importance.seed
+                modality, few, importance.batches, importance.batch_size, importance.seed
             )
         ]
-        task = modality.load_pretrained(model, info["labels"], importance.seed, info)
+        task = modality.load_pretrained(model, importance.seed)
         task.model.to(device)
         probe = None
         if head == "probe":
-            probe = probe_head(task, few, info, importance, device)
+            probe = probe_head(task, few, importance, device)
         start = time.perf_counter()
         table, _ = score_model(
             task,
@@ -96,7 +96,7 @@ def main() -> None:
 
     head_params = int(tables["random"].loc[tables["random"]["is_head"], "numel"].sum())
     print(
-        f"\nmodel {model.name}, {args.shots} shots x {info['num_labels']} classes "
+        f"\nmodel {model.name}, {args.shots} shots x {info.num_labels} classes "
         f"({len(few)} examples) on {device}, {args.threads} threads; the head holds "
         f"{head_params:,} of {int(tables['random']['numel'].sum()):,} parameters\n"
     )

@@ -43,12 +43,11 @@ def measure(csv: Path, model: Path, max_length: int, threads: int) -> dict:
     """In this process: prepare, then one epoch of full fine-tuning on every training example."""
     import torch
 
-    from adaptune import modalities, strategies
+    from adaptune import modalities, strategies, training
     from adaptune.data import prepare
     from adaptune.importance import layer_table, score_model
     from adaptune.plans import ScoreTables
     from adaptune.settings import DataSettings, ModelSettings, TrainSettings
-    from adaptune.training import finetune
 
     torch.set_num_threads(threads)
     start_mb = peak_mb()
@@ -62,13 +61,13 @@ def measure(csv: Path, model: Path, max_length: int, threads: int) -> dict:
     train, val = splits["train"], splits["val"]
     token_mb = sum(len(ids) for ids in train["input_ids"]) * 4 / 1e6
     del splits
-    task = modalities.get(info).load_pretrained(model, info["labels"], 0, info)
+    task = modalities.for_data(info).load_pretrained(model, 0)
     scores, _ = score_model(task, [], ["weight_l2"])
     plan = strategies.build_plan(ScoreTables(scores, layer_table(scores)), "full", {"kind": "full"})
     settings = TrainSettings.from_config({"epochs": 1, "batch_size": 32, "eval_batch_size": 256})
-    result = finetune(task, plan, train, val, settings, 0, info, torch.device("cpu"))
+    result = training.train(task, plan, train, val, settings, 0, torch.device("cpu"))
     return {
-        "examples": info["num_examples"],
+        "examples": info.num_examples,
         "train": len(train),
         "prepare_s": prepare_seconds,
         "prepare_mb": prepare_mb - start_mb,

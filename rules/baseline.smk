@@ -10,6 +10,7 @@ rule fit_baseline:
         per_class=BASELINE_RUN / "per_class.csv",
         confusion=BASELINE_RUN / "confusion.csv",
         confusion_png=BASELINE_RUN / "confusion.png",
+        run_id=BASELINE_RUN / "mlflow_run_id",
     log:
         LOGS / "fit_baseline/{baseline}/k{shots}.log",
     benchmark:

@@ -3,6 +3,8 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+from adaptune.settings import PLAN_MEMORY_SETTINGS
+
 min_version("9.0")
 
 
@@ -43,9 +45,11 @@ except ImportError:
     EXTERNAL = SimpleNamespace(
         source_fingerprint="", model_fingerprint="", downloads=False
     )
+    records = None
 else:
-    from adaptune.experiment import check_device
+    from adaptune.devices import check_device
     from adaptune.fetch import offline_environment
+    from adaptune import records
 
     EXTERNAL = validate_config(
         config,
@@ -102,12 +106,18 @@ wildcard_constraints:
 # jobs.
 
 
+# data: keys added after results existed, left out of params at the default that keeps the
+# earlier behaviour: upgrading adaptune reruns nothing, and setting one reruns what it touches.
+LATER_DATA_DEFAULTS = {"separator": "", "unreadable_images": "error"}
+
+
 def data_settings(wildcards=None):
     """data: without the sample sizes (each shot count is its own sample_few_shot job)."""
     return {
         key: value
         for key, value in config["data"].items()
         if key not in ("shots", "val_shots")
+        and not (key in LATER_DATA_DEFAULTS and value == LATER_DATA_DEFAULTS[key])
     }
 
 
@@ -126,11 +136,28 @@ def plan_settings(wildcards):
     return {key: value for key, value in spec.items() if key not in ("train", "head")}
 
 
+# train: keys added after results existed, left out of params at the default that keeps the
+# earlier behaviour: upgrading adaptune reruns nothing, and setting one reruns what it touches.
+LATER_TRAIN_DEFAULTS = {"sharding": "ddp"}
+
+
 def train_settings(wildcards):
-    """train: with the strategy's overrides, without seeds (each seed is its own job)."""
+    """train: with the strategy's overrides, without seeds (each seed is its own job) and
+    checkpoint (how often a job saves its progress changes none of its results)."""
     overrides = config["strategies"][wildcards.strategy].get("train", {})
-    shared = {key: value for key, value in config["train"].items() if key != "seeds"}
+    shared = {
+        key: value
+        for key, value in config["train"].items()
+        if key not in ("seeds", "checkpoint")
+        and not (key in LATER_TRAIN_DEFAULTS and value == LATER_TRAIN_DEFAULTS[key])
+    }
     return {**shared, **overrides}
+
+
+def plan_memory_settings(wildcards):
+    """What a plan's memory estimate depends on: the run's optimizer, batch and precision."""
+    train = train_settings(wildcards)
+    return {key: train[key] for key in PLAN_MEMORY_SETTINGS if key in train}
 
 
 def inference_settings(wildcards):
@@ -152,6 +179,10 @@ def all_run_metrics(wildcards=None):
     return runs + baselines
 
 
+def all_run_ids(wildcards=None):
+    return expand(RUN / "mlflow_run_id", strategy=STRATEGIES, shots=SHOTS, seed=SEEDS)
+
+
 # Importance is scored through the new head as initialised (random) or after a linear probe
 # (probe): one score_importance job per shot count and head. Each strategy plans from, and
 # logs, the scores of its own head (its head: key, else importance.head), so only the heads
@@ -161,10 +192,14 @@ SCORED = IMPORTANCE / "k{shots}/{head}"
 PROBE_KEYS = ("probe_epochs", "probe_lr")
 
 
+def strategy_head(strategy):
+    """The head whose scores `strategy` uses."""
+    return config["strategies"][strategy].get("head") or config["importance"]["head"]
+
+
 def scoring_head(wildcards):
     """The head whose scores strategy {strategy} uses."""
-    own = config["strategies"][wildcards.strategy].get("head")
-    return own or config["importance"]["head"]
+    return strategy_head(wildcards.strategy)
 
 
 def importance_settings(head):
@@ -197,3 +232,63 @@ def strategy_scores(file):
         )
 
     return path
+
+
+def stage_outputs():
+    """Every file the stages write for this config (the report's aside): inputs of the default
+    target. Snakemake checks the files of the jobs it is asked for, but not those of the jobs
+    before them (since 7.7, snakemake#1978): a model folder, metrics file, plan or split
+    deleted after a complete run would stay deleted, the report being up to date. Listed
+    here, a deleted one is rebuilt by the next plain run, with the jobs after it (and a dry
+    run lists them)."""
+    runs = {"strategy": STRATEGIES, "shots": SHOTS, "seed": SEEDS}
+    heads = sorted({strategy_head(strategy) for strategy in STRATEGIES})
+    produced = [
+        FETCH_FIRST,
+        rules.prepare_data.output,
+        expand(rules.sample_few_shot.output, split=["train", "val"], shots=SHOTS),
+        expand(rules.shift_test_split.output, shift=SHIFTS),
+        expand(rules.score_importance.output, shots=SHOTS, head=heads),
+        expand(rules.make_freeze_plan.output, shots=SHOTS, strategy=STRATEGIES),
+        rules.create_mlflow_experiment.output,
+        expand(rules.finetune.output, **runs),
+        expand(rules.evaluate.output, **runs),
+        expand(rules.fit_baseline.output, baseline=BASELINES, shots=SHOTS),
+    ]
+    return [str(path) for paths in produced for path in paths]
+
+
+# MLflow is a view of the files. Runs whose mlflow_experiment.json is gone stop the workflow
+# here, naming the command that recreates it (Snakemake would retrain them all).
+if records is not None and workflow.is_main_process:
+    records.check_experiment_file(
+        EXP,
+        "adaptune sync-mlflow "
+        + " ".join(
+            os.path.relpath(path)  # (snakemake holds them as absolute Paths)
+            for path in workflow.overwrite_configfiles or ["config/config.yaml"]
+        ),
+    )
+
+
+def mlflow_up_to_date(wildcards):
+    """No input: when the workflow starts (the DAG is built, no job runs yet) and the MLflow
+    store lacks finished runs of the files (deleted, replaced, another one than they were
+    logged to, or a job could not reach it), log them into it again from their files, once
+    (adaptune.records); a dry run says that it would."""
+    if records is not None and workflow.is_main_process and not MLFLOW_CHECKED:
+        MLFLOW_CHECKED.append(True)
+        records.bring_up_to_date(
+            EXP,
+            config["mlflow"]["tracking_uri"],
+            mlflow_settings()["experiment_name"],
+            EXP / "mlartifacts",
+            execute=workflow.executor_plugin is not None
+            and not workflow.dryrun
+            and not workflow.touch,
+            locked=any(Path(".snakemake/locks").glob("*")),
+        )
+    return []
+
+
+MLFLOW_CHECKED = []

@@ -26,7 +26,9 @@ rule evaluate:
         shifted=expand(DATA / "shifts/{shift}.parquet", shift=SHIFTS),
         info=DATA / "data.json",
         summary=RUN / "train_summary.json",
-        run_id=RUN / "mlflow_run_id",
+        # Rewritten (a new run id) when the store is rebuilt from the files: not a reason to
+        # evaluate again.
+        run_id=ancient(RUN / "mlflow_run_id"),
         experiment=ancient(EXP / "mlflow_experiment.json"),
     output:
         metrics=RUN / "metrics.json",
@@ -48,5 +50,8 @@ rule evaluate:
     params:
         inference=inference_settings,
         shifts=SHIFTS,
+        # drift from the pretrained model (weight change, CKA) loads it again
+        model=config["model"],
+        model_content=EXTERNAL.model_fingerprint,
     script:
         "../scripts/evaluate.py"

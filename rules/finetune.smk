@@ -1,6 +1,17 @@
+# The MLflow store and experiment, made once, before the jobs that log fan out: each takes
+# mlflow_experiment.json as an ancient() input, so that where runs are tracked is not part of
+# what they compute (a new tracking URI retrains nothing). This job runs when the file is
+# missing, reading the tracking settings from the config, not from params: a job rerun for a
+# changed param would hide the params changes of every job after it from Snakemake 9.27 in
+# that run (its ancient() edges mask them). A store that lacks finished runs (deleted,
+# replaced, another one, or a job could not reach it) is brought up to date from the files
+# when the workflow starts, before any job (mlflow_up_to_date, adaptune.records). update()
+# keeps the file in place while the job runs, and puts it back if the job fails.
 rule create_mlflow_experiment:
+    input:
+        mlflow_up_to_date,
     output:
-        experiment=EXP / "mlflow_experiment.json",
+        experiment=update(EXP / "mlflow_experiment.json"),
     log:
         LOGS / "create_mlflow_experiment.log",
     benchmark:
@@ -8,7 +19,6 @@ rule create_mlflow_experiment:
     conda:
         ENV
     params:
-        mlflow=mlflow_settings(),
         artifact_root=str(EXP / "mlartifacts"),
     script:
         "../scripts/create_mlflow_experiment.py"

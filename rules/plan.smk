@@ -19,5 +19,6 @@ rule make_freeze_plan:
         ENV
     params:
         strategy=plan_settings,
+        train=plan_memory_settings,
     script:
         "../scripts/make_freeze_plan.py"

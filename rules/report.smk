@@ -22,6 +22,9 @@ report:
 rule report:
     input:
         metrics=all_run_metrics(),
+        # The selected runs are registered by id; a new id (the store rebuilt from the files)
+        # is registered by that rebuild, not by rerunning this.
+        run_ids=ancient(all_run_ids()),
         experiment=ancient(EXP / "mlflow_experiment.json"),
         description=DESCRIPTION,
     output:

@@ -11,10 +11,11 @@ if TYPE_CHECKING:
     from snakemake.script import snakemake
 
 with to_log_file(snakemake.log[0]):
-    settings = snakemake.params.mlflow
+    # From the config, not params (rules/finetune.smk says why).
+    mlflow = snakemake.config["mlflow"]
     experiment = ensure_experiment(
-        settings["tracking_uri"],
-        settings["experiment_name"],
+        mlflow["tracking_uri"],
+        mlflow["experiment_name"] or snakemake.config["experiment"],
         snakemake.params.artifact_root,
         results=Path(snakemake.output.experiment).parent,
     )

@@ -1,4 +1,5 @@
-"""Rule evaluate: test metrics and confusion matrix, logged to the run (adaptune.evaluation)."""
+"""Rule evaluate: test metrics, confusion matrix and drift from the pretrained model, logged to
+the run (adaptune.evaluation)."""
 
 from typing import TYPE_CHECKING
 
@@ -6,6 +7,7 @@ import torch
 
 from adaptune.evaluation import run_evaluate
 from adaptune.logs import to_log_file
+from adaptune.settings import ModelSettings
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -25,4 +27,5 @@ with to_log_file(snakemake.log[0]):
         precision=inference["precision"],
         outputs=dict(snakemake.output.items()),
         shifted=dict(zip(snakemake.params.shifts, snakemake.input.shifted, strict=True)),
+        model=ModelSettings.from_config(snakemake.params.model),
     )

@@ -1,13 +1,13 @@
-"""Rule finetune: train under the freeze plan, tracked in MLflow (adaptune.training); on
+"""Rule finetune: train under the freeze plan, tracked in MLflow (adaptune.finetune); on
 train.devices GPUs or CPU processes through torchrun (adaptune.distributed)."""
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from adaptune import distributed, gpus
+from adaptune import devices, distributed
+from adaptune.finetune import FinetuneJob, RunKey
 from adaptune.logs import to_log_file
-from adaptune.training import RunKey, finetune_job
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -15,16 +15,17 @@ if TYPE_CHECKING:
 with to_log_file(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     wildcards = snakemake.wildcards
-    train = snakemake.params.train
-    job = finetune_job(
+    job = FinetuneJob(
         RunKey(wildcards.strategy, wildcards.shots, int(wildcards.seed)),
         model=snakemake.params.model,
-        train=train,
+        # train.checkpoint is read from the config, not a param: how often a job saves its
+        # progress changes none of its results, so changing it reruns nothing.
+        train={**snakemake.params.train, "checkpoint": snakemake.config["train"]["checkpoint"]},
         inputs=dict(snakemake.input.items()),
         outputs=dict(snakemake.output.items()),
         artifacts={k: snakemake.input[k] for k in ("scores", "layers", "heatmap", "head")},
         resolved={"data": snakemake.params.data, "importance": snakemake.params.importance},
+        model_content=snakemake.params.model_content,
     )
-    devices = train.get("devices", 1)
-    with gpus.claimed(devices):
-        distributed.launch(devices, "adaptune.training:run_finetune_job", job)
+    with devices.claimed(job.devices):
+        distributed.launch(job.devices, "adaptune.finetune:run_finetune_job", job.to_dict())

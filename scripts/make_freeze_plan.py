@@ -8,6 +8,7 @@ from adaptune import strategies
 from adaptune.figures import plot_plan
 from adaptune.logs import to_log_file
 from adaptune.plans import ScoreTables
+from adaptune.settings import TrainSettings
 
 if TYPE_CHECKING:
     from snakemake.script import snakemake
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 with to_log_file(snakemake.log[0]):
     name = snakemake.wildcards.strategy
     tables = ScoreTables.read(snakemake.input.scores, snakemake.input.layers)
-    plan = strategies.build_plan(tables, name, snakemake.params.strategy)
+    train = TrainSettings.from_config(snakemake.params.train)
+    plan = strategies.build_plan(tables, name, snakemake.params.strategy, train)
     plan.save(snakemake.output.plan)
     Path(snakemake.output.summary).write_text(plan.to_markdown())
     plot_plan(plan, snakemake.output.figure)

@@ -1,11 +1,11 @@
 """Rule score_importance: importance per parameter tensor and per layer (adaptune.importance),
-on a GPU of its own where there is one (adaptune.gpus)."""
+on a GPU of its own where there is one (adaptune.devices)."""
 
 from typing import TYPE_CHECKING
 
 import torch
 
-from adaptune import gpus
+from adaptune import devices
 from adaptune.logs import to_log_file
 from adaptune.scoring import run_score_importance
 from adaptune.settings import ImportanceSettings, ModelSettings
@@ -13,7 +13,7 @@ from adaptune.settings import ImportanceSettings, ModelSettings
 if TYPE_CHECKING:
     from snakemake.script import snakemake
 
-with to_log_file(snakemake.log[0]), gpus.claimed(1):
+with to_log_file(snakemake.log[0]), devices.claimed(1):
     torch.set_num_threads(snakemake.threads)
     run_score_importance(
         snakemake.input.train,

@@ -52,6 +52,9 @@ def stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
         if group_members(process.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10  # SIGKILLed processes take a moment to go
+            while group_members(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.25)
     process.wait(timeout=10)
     left = group_members(process.pid)
     assert not left, f"processes of group {process.pid} still alive: {left}"
@@ -67,16 +70,20 @@ class MlflowServer:
 
 @contextlib.contextmanager
 def mlflow_server(
-    root: Path, backend_store_uri: str | None = None, timeout: float = 120.0
+    root: Path,
+    backend_store_uri: str | None = None,
+    timeout: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[MlflowServer]:
-    """``mlflow server`` on 127.0.0.1 and a free port, its artifacts served from
-    ``root/artifacts`` (``--artifacts-destination``), its store a SQLite file in ``root``
-    unless ``backend_store_uri`` says otherwise; stopped (the whole process group) on exit."""
+    """``mlflow server`` on 127.0.0.1 and ``port`` (a free one by default), its artifacts
+    served from ``root/artifacts`` (``--artifacts-destination``), its store a SQLite file in
+    ``root`` unless ``backend_store_uri`` says otherwise; stopped (the whole process group)
+    on exit. Started again on the same ``root`` and port, it serves what it held."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     artifacts = root / "artifacts"
     backend = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
-    log = root / "server.log"
+    log = root / f"server-{time.time_ns()}.log"
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),

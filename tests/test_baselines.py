@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +24,7 @@ def test_tfidf_logreg_on_real_few_shot_news(tmp_path):
     (tmp_path / "exp.json").write_text(json.dumps(experiment))
     outputs = {k: str(tmp_path / f"{k}.out") for k in ("metrics", "per_class", "confusion")}
     outputs["confusion_png"] = str(tmp_path / "c.png")
+    outputs["run_id"] = str(tmp_path / "mlflow_run_id")
     metrics = run_baseline(
         "tfidf_logreg",
         "16",
@@ -37,5 +39,12 @@ def test_tfidf_logreg_on_real_few_shot_news(tmp_path):
     assert 0.6 < metrics["test_macro_f1"] < 0.97
     assert json.loads((tmp_path / "metrics.out").read_text())["trainable_fraction"] is None
     assert pd.read_csv(outputs["per_class"])["support"].sum() == 445
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(
+        Path(outputs["run_id"]).read_text().strip()
+    )
+    assert run.data.tags["adaptune.logged"] == "baseline"
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
     with pytest.raises(ConfigError, match="baselines: pixel_logreg cannot run on text data"):
         run_baseline("pixel_logreg", "16", "", "", str(tmp_path / "data.json"), "", outputs)

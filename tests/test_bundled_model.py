@@ -14,7 +14,9 @@ from adaptune.modalities.text.models import resolve_model
 
 from .conftest import Workflow
 
-pytestmark = pytest.mark.workflow
+# The real 22.7M-parameter MiniLM through every stage (the default suite runs the workflow on a
+# tiny BERT; the README's quick start runs this model): opt-in (pytest -m slow).
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 def test_bundled_minilm_end_to_end(tmp_path):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -122,3 +124,89 @@ def test_the_workflow_runs_through_slurm_as_shipped(tmp_path, tiny_bert_dir, bbc
         assert second.returncode == 0, rerun[-3000:]
         assert "Nothing to be done" in rerun
         assert "has been submitted" not in rerun
+
+
+def slurm_job_of(rule: str, env: dict[str, str]) -> str | None:
+    """The SLURM job id of the (one) job of ``rule`` that is queued or running."""
+    for job_id, job in finished_jobs(env).items():
+        if job["rule"].startswith(rule) and job["state"] in ("RUNNING", "PENDING"):
+            return job_id
+    return None
+
+
+def test_a_requeued_finetune_job_resumes_from_its_checkpoint(tmp_path, tiny_bert_dir):
+    """scontrol requeue (what a preemption with PreemptMode=REQUEUE does) of a finetune job
+    after its first checkpoint: SLURM stops it (SIGTERM: a checkpoint after the step it is
+    in), queues it again under the same id, and it resumes; snakemake waits for it (the
+    profile's slurm-requeue), and the result is bit-identical to the job run without a stop."""
+    from .test_checkpoints import RUN, finetune_runs, gradual_config, target
+
+    flow = Workflow(tmp_path / "checkout", gradual_config(tiny_bert_dir))
+    config = flow.config
+    epochs = config["train"]["epochs"] = 12  # long enough to requeue it while it trains
+    flow.write_config(config)
+    node_cpus = os.cpu_count() or 1
+    command = [
+        *(sys.executable, "-m", "snakemake", "--workflow-profile", "profiles/slurm"),
+        *("--max-threads", str(node_cpus), target(flow)),
+    ]
+    state_file = flow.results("resume") / RUN / ".checkpoint/state.pt"
+    with slurm_cluster(tmp_path / "slurm") as env:
+        log = open(tmp_path / "snakemake.log", "w")  # noqa: SIM115 - closed below
+        process = subprocess.Popen(
+            command, cwd=flow.root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.time() + 1200
+        while not state_file.exists():
+            assert process.poll() is None and time.time() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        job_id = slurm_job_of("finetune", env)
+        assert job_id, finished_jobs(env)
+        before = subprocess.run(
+            ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
+        ).stdout
+        requeue = subprocess.run(
+            ["scontrol", "requeue", job_id], env=env, capture_output=True, text=True
+        )
+        print(f"$ scontrol requeue {job_id}\n{requeue.stdout}{requeue.stderr}")
+        assert requeue.returncode == 0, requeue.stderr
+        # SLURM stops the job with SIGTERM: it saves a checkpoint after the step it is in
+        # (the log of this attempt, before the requeued one starts afresh)
+        job_log = flow.results("resume") / "logs/finetune/gradual/k4/seed0.log"
+        deadline = time.time() + 120
+        while "Interrupted: signal 15" not in job_log.read_text():
+            assert time.time() < deadline, job_log.read_text()[-3000:]
+            time.sleep(0.2)
+        stopped = job_log.read_text()
+        stopped = stopped[stopped.index("SIGTERM") - 40 :]
+        print(f"the requeued attempt's log from SIGTERM on:\n{stopped}")
+        try:
+            returncode = process.wait(timeout=1500)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=120)
+        log.close()
+        output = (tmp_path / "snakemake.log").read_text()
+        print(output)
+        after = subprocess.run(
+            ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True
+        ).stdout
+        print(f"before the requeue:\n{before}\nafter:\n{after}")
+        assert returncode == 0, output[-6000:]
+        assert "Requeue=1" in before  # sbatch --requeue, from the profile's slurm-requeue
+        assert "Restarts=1" in after and "JobState=COMPLETED" in after, after
+        assert re.search(r"checkpoint (within|after) epoch \d+", stopped), stopped
+        resumed_log = job_log.read_text()
+        print("the job's log after the requeue:\n" + "\n".join(resumed_log.splitlines()[:8]))
+        assert re.search(r"resumed from epoch \d+", resumed_log), resumed_log[-3000:]
+        assert not state_file.parent.exists()
+    runs, client = finetune_runs(flow)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_macro_f1")]
+    assert sorted(logged) == list(range(1, epochs + 1))
+    model = flow.results("resume") / RUN / "model/model.safetensors"
+    requeued = model.read_bytes()
+    # the same job on this machine with the same threads, never stopped
+    local = flow.run("--cores", str(min(4, node_cpus)), "--forcerun", "finetune", target(flow))
+    assert local.returncode == 0
+    assert model.read_bytes() == requeued

@@ -10,7 +10,8 @@ import pytest
 
 from .conftest import PARALLEL, Workflow, tiny_config
 
-pytestmark = pytest.mark.workflow
+# A second end-to-end run of what the default suite covers: opt-in (pytest -m slow).
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def validate_config_copy(experiment: dict) -> dict:
         ),
         (
             lambda c: c["strategies"]["s"]["train"].update(seeds=[1]),
-            r"^strategies\.s\.train: unknown key 'seeds'; allowed here: augment, batch_size",
+            r"^strategies\.s\.train: unknown key 'seeds'; allowed here: accumulate_steps, augment",
         ),
         (
             lambda c: c["strategies"]["s"].update(decay=0.5),
@@ -135,7 +135,10 @@ def test_data_model_and_baselines_must_share_a_modality(tiny_bert_dir):
                 baselines=["tfidf_logreg"],
             )
         )
-    experiment = validate_config(minimal(model={"name": f"path:{tiny_bert_dir}"}))
+    tiny = {"model": {"name": f"path:{tiny_bert_dir}"}}
+    experiment = validate_config(
+        minimal(data={"source": "bundled:bbc-news", "max_length": 64}, **tiny)
+    )
     assert experiment.modality.name == "text"
     assert experiment.model_fingerprint == content_fingerprint(sorted(tiny_bert_dir.iterdir()))
 

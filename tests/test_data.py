@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptune.data import batches, check_labels, prepare, sample_few_shot, split_examples
+from adaptune.data import check_labels, prepare, sample_few_shot, split_examples
+from adaptune.data_info import DataInfo
 from adaptune.errors import DataError
 from adaptune.modalities.text import MODALITY as TEXT
 from adaptune.modalities.text.sources import load_bbc_news
@@ -112,11 +113,12 @@ def test_prepare_csv_with_other_columns_and_labels(bbc_sample_csv, tiny_bert_dir
         f"csv:{bbc_sample_csv}", text_column="body", label_column="topic", max_length=16
     )
     splits, info = prepare(settings, ModelSettings.from_config(f"path:{tiny_bert_dir}"))
-    assert info["modality"] == "text" and info["max_length"] == 16
-    assert info["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert info.modality == "text" and info.encoding["max_length"] == 16
+    assert info.labels == ("business", "entertainment", "politics", "sports", "tech")
     # 120 articles, one of them twice (BBC News repeats 98 of its 2,225 articles): one copy kept.
-    assert info["duplicates"]["duplicate_copies"] == 1
-    assert sum(sum(c.values()) for c in info["class_counts"].values()) == 119
+    assert info.duplicates["duplicate_copies"] == 1
+    assert sum(sum(c.values()) for c in info.class_counts.values()) == 119
+    assert DataInfo.from_dict(info.to_dict()) == info  # data.json holds all of it
     assert all(len(ids) <= 16 for ids in splits["train"]["input_ids"])
     assert splits["train"]["label_id"].between(0, 4).all()
 
@@ -125,11 +127,11 @@ def test_batches_are_padded_per_batch():
     frame = pd.DataFrame(
         {"input_ids": [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])], "label_id": [0, 1, 0]}
     )
-    text = {"modality": "text", "pad_token_id": 0}
-    batch = next(batches(frame, 2, text))
+    text = TEXT.bind(DataInfo.for_labels("text", ["a", "b"], pad_token_id=0))
+    batch = next(text.batches(frame, 2))
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     shuffled = list(
-        batches(frame, 3, text, shuffle=True, generator=torch.Generator().manual_seed(0))
+        text.batches(frame, 3, shuffle=True, generator=torch.Generator().manual_seed(0))
     )
     assert sorted(shuffled[0]["labels"].tolist()) == [0, 0, 1]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,13 +26,14 @@ import torch
 from adaptune import tracking
 from adaptune.config import read_config_file
 from adaptune.data import SPLITS, run_prepare_data
+from adaptune.data_info import DataInfo
 from adaptune.errors import ConfigError, DataError, ModelError
 from adaptune.experiment import validate_config
 from adaptune.modalities.files import content_fingerprint
 from adaptune.modalities.image.sources import load_image_folder, to_rgb_uint8
 from adaptune.settings import DataSettings, ModelSettings
 
-from .conftest import Workflow, tiny_config
+from .conftest import Workflow, tiny_config, tiny_task
 
 TOPICS = ("business", "sport", "tech")
 
@@ -55,6 +58,7 @@ def prepare(tmp_path: Path, model_dir: Path, **data) -> tuple[dict, dict[str, pd
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: str(out / f"{name}.parquet") for name in SPLITS}
+    data = {"max_length": 32, **data}  # the tiny BERT embeds 128 positions
     try:
         info = run_prepare_data(
             DataSettings.from_config(data),
@@ -65,7 +69,7 @@ def prepare(tmp_path: Path, model_dir: Path, **data) -> tuple[dict, dict[str, pd
     except Exception:
         assert not list(out.iterdir()), "a failed prepare_data left files behind"
         raise
-    return info, {name: pd.read_parquet(path) for name, path in paths.items()}
+    return info.to_dict(), {name: pd.read_parquet(path) for name, path in paths.items()}
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -151,6 +155,107 @@ def test_empty_or_broken_csv_files_are_named(tmp_path, tiny_bert_dir, content, m
         prepare(tmp_path, tiny_bert_dir, source=f"csv:{tmp_path / 'bad.csv'}")
 
 
+@pytest.mark.parametrize(
+    ("name", "separator", "said"),
+    [
+        ("semicolons.csv", ";", "semicolon (';') (it splits the header line into text, label)"),
+        ("tabs.csv", "\t", "tab ('\\t') (it splits the header line into text, label)"),
+        ("tabs.tsv", "\t", "tab ('\\t') (the file ends in .tsv)"),
+        ("bars.txt", "|", "vertical bar ('|') (it splits the header line into text, label)"),
+    ],
+)
+def test_a_csv_is_read_with_its_own_separator(
+    tmp_path, tiny_bert_dir, name, separator, said, caplog
+):
+    """Semicolons (a spreadsheet's CSV in many locales), a TSV given as csv:, a .tsv file and
+    vertical bars: each read whole, texts holding commas and the other separators intact."""
+    caplog.set_level("INFO")
+    rows = [{**r, "text": r["text"] + ", then; more | text"} for r in news_rows()]
+    source = csv_file(tmp_path / name, rows, sep=separator)
+    info, splits = prepare(tmp_path, tiny_bert_dir, source=f"csv:{source}")
+    assert info["num_examples"] == 60 and info["labels"] == list(TOPICS)
+    assert pd.concat(splits.values())["text"].str.endswith(", then; more | text").all()
+    assert f"fields separated by {said}" in caplog.text
+
+
+def test_a_csv_that_does_not_parse_names_the_separator_it_tried(tmp_path, tiny_bert_dir):
+    rows = news_rows()
+    rows = rows[:5] + [{**r, "text": r["text"] + ", and more"} for r in rows[5:]]
+    source = csv_file(tmp_path / "tabs.csv", rows, sep="\t")
+    with pytest.raises(
+        DataError,
+        match=r"tabs.csv: not a well-formed CSV with the fields separated by comma \(','\) "
+        r"\(data.separator\): .*Expected 1 fields in line 7, saw 2.* set data.separator",
+    ):
+        prepare(tmp_path, tiny_bert_dir, source=f"csv:{source}", separator=",")
+    semicolons = csv_file(tmp_path / "semicolons.csv", news_rows(), sep=";")
+    with pytest.raises(
+        DataError,
+        match=r"its columns are \['text;label'\] \(fields separated by comma \(','\): "
+        r"data.separator\)\. Set data.text_column and data.label_column, or data.separator",
+    ):
+        prepare(tmp_path, tiny_bert_dir, source=f"csv:{semicolons}", separator=",")
+
+
+def test_integral_float_labels_are_named_as_integers(tmp_path, tiny_bert_dir, caplog):
+    """A numeric label column with a gap is saved as floats (0.0, 1.0): the classes are 0 and
+    1, not '0.0' and '1.0'; where renaming would merge two classes, the log says why not."""
+    rows = [
+        {"text": f"story {i} of class {label}", "label": label}
+        for i in range(12)
+        for label in (0.0, 1.0, 2.0)
+    ]
+    info, splits = prepare(
+        tmp_path, tiny_bert_dir, source=f"csv:{csv_file(tmp_path / 'f.csv', rows)}"
+    )
+    assert info["labels"] == ["0", "1", "2"]
+    assert set(splits["train"]["label"]) == {"0", "1", "2"}
+    assert "labels '0.0', '1.0', '2.0' are integers written as floats" in caplog.text
+    mixed = [{**r, "label": "1" if r["label"] == 2.0 else r["label"]} for r in rows]
+    info, _ = prepare(
+        tmp_path / "m", tiny_bert_dir, source=f"csv:{csv_file(tmp_path / 'm.csv', mixed)}"
+    )
+    assert info["labels"] == ["0.0", "1", "1.0"]
+    assert "would merge classes '1', '1.0': every label is kept as written" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("per_class", "val_size", "test_size", "message"),
+    [
+        (
+            3,
+            0.1,
+            0.2,
+            r"30 examples of 10 classes split into 21 train, 3 validation and 6 test "
+            r".* 10 per split. Set data.val_size = 0.32 and data.test_size = 0.31$",
+        ),
+        (
+            4,
+            0.45,
+            0.45,
+            r"into 4 train, 18 validation and 18 test .* Lower data.val_size or "
+            r"data.test_size$",
+        ),
+    ],
+    ids=["fractions too small", "fractions already large"],
+)
+def test_too_many_classes_for_the_split_names_the_fractions_that_would_work(
+    per_class, val_size, test_size, message
+):
+    from adaptune.data import split_examples
+
+    frame = pd.DataFrame({"label": [f"c{i}" for i in range(10) for _ in range(per_class)]}).assign(
+        example_id=lambda f: range(len(f))
+    )
+    with pytest.raises(DataError, match=message):
+        split_examples(frame, val_size, test_size, seed=0)
+    if val_size < 0.3:  # the fractions the message proposes work
+        parts = split_examples(frame, 0.32, 0.31, seed=0)
+        assert {name: part["label"].nunique() for name, part in parts.items()} == dict.fromkeys(
+            ("train", "val", "test"), 10
+        )
+
+
 def test_a_class_too_small_to_reach_every_split_is_named(tmp_path, tiny_bert_dir):
     rows = [*news_rows(), {"text": "the only weather story", "label": "weather"}]
     with pytest.raises(DataError, match=r"\{'weather': 1\} have fewer than 3 examples"):
@@ -207,6 +312,50 @@ def test_an_empty_class_folder_is_skipped_with_a_warning(tmp_path, caplog):
     frame = load_image_folder(tmp_path)
     assert sorted(frame["label"].unique()) == ["cats", "dogs"]
     assert "no images in class folder 'birds'; the class is skipped" in caplog.text
+
+
+def test_every_unreadable_image_is_named_at_once_or_skipped_and_counted(
+    tmp_path, tiny_vision_dir, caplog
+):
+    """Three broken files (not an image, a truncated JPEG, an empty file) in one folder: one
+    error names all three; with data.unreadable_images: skip the others are prepared and
+    data.json counts the three."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for green, label in enumerate(("cats", "dogs")):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (i * 40, 80 * green, 0)).save(root / label / f"{i}.png")
+    (root / "cats" / "notes.png").write_bytes(b"not an image")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, "JPEG")
+    (root / "dogs" / "cut.jpg").write_bytes(jpeg.getvalue()[:200])
+    (root / "dogs" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    paths = {name: str(out / f"{name}.parquet") for name in SPLITS}
+    model = ModelSettings.from_config(f"path:{tiny_vision_dir}")
+    data = {"source": f"imagefolder:{root}", "val_size": 0.25, "test_size": 0.25}
+    with pytest.raises(DataError) as failure:
+        run_prepare_data(DataSettings.from_config(data), model, paths, str(out / "data.json"))
+    message = str(failure.value)
+    assert "3 of 15 image(s) cannot be decoded" in message
+    for name in ("cats/notes.png", "dogs/cut.jpg", "dogs/empty.jpg"):
+        assert name in message
+    assert "data.unreadable_images: skip" in message
+    data["unreadable_images"] = "skip"
+    info = run_prepare_data(DataSettings.from_config(data), model, paths, str(out / "data.json"))
+    assert info.num_examples == 12 and info.unreadable_images["count"] == 3
+    written = json.loads((out / "data.json").read_text())["unreadable_images"]
+    assert DataInfo.read(out / "data.json").unreadable_images == written  # not its encoding
+    assert [line.split(":")[0].rsplit("/", 2)[-2:] for line in written["files"]] == [
+        ["cats", "notes.png"],
+        ["dogs", "cut.jpg"],
+        ["dogs", "empty.jpg"],
+    ]
+    assert caplog.text.count("skipped (data.unreadable_images: skip)") == 3
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -267,15 +416,29 @@ def test_a_pickled_text_checkpoint_is_not_unpickled(tmp_path, tiny_bert_dir, cap
     (transformers reads it with weights_only=True), and the code never runs."""
     import shutil
 
-    from adaptune.modalities.text import MODALITY
-
     folder = tmp_path / "model"
     shutil.copytree(tiny_bert_dir, folder)
     (folder / "model.safetensors").unlink()
     torch.save({"payload": Payload()}, folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"cannot load the model from .*Weights only load failed"):
-        MODALITY.load_pretrained(ModelSettings.from_config(f"path:{folder}"), ["a", "b"], 0, {})
+        tiny_task(folder, ["a", "b"])
     assert "pickled code ran" not in capfd.readouterr().out
+
+
+def test_max_length_beyond_the_models_positions_stops_at_startup(tiny_bert_dir):
+    """MiniLM embeds 512 positions; the tiny BERT 128: a longer data.max_length fails at the
+    first long text otherwise (a tensor size mismatch in score_importance)."""
+    base = {"experiment": "x", "data": {"source": "bundled:bbc-news", "max_length": 4096}}
+    with pytest.raises(
+        ConfigError,
+        match=r"data.max_length = 4096, but the model bundled:all-MiniLM-L6-v2 takes at most "
+        r"512 tokens \(max_position_embeddings in its config.json\); set data.max_length to 512",
+    ):
+        validate_config({**base, "model": {"name": "bundled:all-MiniLM-L6-v2"}})
+    tiny = {"name": f"path:{tiny_bert_dir}"}
+    with pytest.raises(ConfigError, match=r"= 129, but the model path:.* at most 128 tokens"):
+        validate_config({**base, "data": {**base["data"], "max_length": 129}, "model": tiny})
+    validate_config({**base, "data": {**base["data"], "max_length": 128}, "model": tiny})
 
 
 def test_cuda_on_a_machine_without_one_stops_at_parse_time_naming_the_key():
@@ -347,6 +510,44 @@ def test_an_unreachable_tracking_server_fails_in_seconds():
     assert time.perf_counter() - start < 10
 
 
+def test_a_store_that_does_not_answer_costs_a_job_its_record_not_its_work(caplog, monkeypatch):
+    """A job's run is best effort: the first failed call is told once, naming the store, and
+    the job goes on (it writes its files; the next workflow run logs them)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    experiment = {"tracking_uri": uri, "experiment_id": "1", "workspace": "w"}
+    trained = False
+    with tracking.start_run(experiment, "full/k2/seed0", "full-k2-seed0", {}) as run:
+        run.log_params({"lr": 0.001})
+        run.log_metrics({"val_macro_f1": 0.5}, step=1)
+        run.logged("finetune")
+        trained = True
+    assert trained and run.run_id == "" and run.failure == "MlflowException: Connection refused"
+    told = f"MLflow at {uri} stopped answering (MlflowException: Connection refused): this job"
+    assert caplog.text.count(told) == 1
+    relogging = tracking.start_run(experiment, "full/k2/seed0", "run", {}, best_effort=False)
+    with pytest.raises(Exception, match="Connection refused"), relogging:  # not best effort
+        pass
+    # A job resuming from its checkpoint: the store's silence is a failure of the run (the job
+    # trains on from its checkpoint), not a run that cannot be reopened (it would start over).
+    with tracking.start_run(experiment, "full/k2/seed0", "run", {}, run_id="0" * 32) as run:
+        assert not run.reopened and run.failure == "MlflowException: Connection refused"
+
+
+def test_a_resumed_job_whose_run_is_not_in_the_store_gets_a_new_run(tmp_path):
+    """The run id a checkpoint names, in a store that never held it (replaced, or another):
+    a new run of the key, the store answering (so the job starts over, as main's resume
+    promises for a run it cannot reopen)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(uri, "resumed", tmp_path / "art", tmp_path)
+    with tracking.start_run(experiment, "full/k2/seed0", "run", {}) as first:
+        pass
+    with tracking.start_run(experiment, "full/k2/seed0", "run", {}, run_id="0" * 32) as run:
+        assert not run.reopened and run.failure is None and run.run_id != first.run_id
+    with tracking.start_run(experiment, "full/k2/seed0", "run", {}, run_id=run.run_id) as again:
+        assert again.reopened and again.run_id == run.run_id
+
+
 def test_a_deleted_experiment_says_how_to_restore_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -363,32 +564,30 @@ def test_a_deleted_experiment_says_how_to_restore_it(tmp_path):
 
 
 def test_a_fixed_seed_gives_byte_identical_weights_on_cpu(tmp_path, tiny_bert_dir):
-    from adaptune.modalities.text import MODALITY
+    from adaptune import training
     from adaptune.plans import Plan, TensorPlan
     from adaptune.settings import TrainSettings
-    from adaptune.training import finetune
 
-    from .test_training import TEXT, frame
+    from .test_training import frame
 
     def trained(folder: Path) -> bytes:
         model = ModelSettings.from_config(f"path:{tiny_bert_dir}")
-        task = MODALITY.load_pretrained(model, ["a", "b", "c"], 5, {})
+        task = tiny_task(tiny_bert_dir, ["a", "b", "c"], seed=5)
         tensors = [
             TensorPlan(n, "l", 0, p.numel(), False, 1.0, "")
             for n, p in task.model.named_parameters()
         ]
         train = TrainSettings.from_config({"epochs": 2, "batch_size": 4, "lr": 1e-3})
-        finetune(
+        training.train(
             task,
             Plan("full", "full", tensors),
             frame(12, 0),
             frame(6, 1),
             train,
             5,
-            TEXT,
             torch.device("cpu"),
         )
-        MODALITY.save(task, folder, model, {**TEXT, "max_length": 32})
+        task.modality.save(task, folder, model)
         return (folder / "model.safetensors").read_bytes()
 
     assert trained(tmp_path / "a") == trained(tmp_path / "b")
@@ -423,17 +622,6 @@ def test_an_edited_source_file_reruns_the_data_stage_and_what_follows(tmp_path, 
     assert info["source_fingerprint"] == content_fingerprint([source])
     board = pd.read_csv(flow.results("faults") / "report/leaderboard.csv")
     assert (board["test_examples"] == 6).all()  # 20% of the 30 new rows
-
-
-@pytest.mark.workflow
-def test_a_new_tracking_uri_retrains_nothing(tmp_path, tiny_bert_dir):
-    flow = Workflow(tmp_path, csv_config(tiny_bert_dir, csv_file(tmp_path / "n.csv", news_rows())))
-    flow.run("--cores", "2")
-    config = flow.config
-    config["mlflow"]["tracking_uri"] = "sqlite:///results/other.db"
-    flow.write_config(config)
-    jobs = flow.dry_run_jobs()
-    assert not {"prepare_data", "finetune", "evaluate", "score_importance"} & set(jobs), jobs
 
 
 def live_runs(db: Path, experiment: str) -> list:
@@ -587,12 +775,12 @@ def test_the_workflow_refuses_bad_setups_before_any_job(tmp_path, tiny_bert_dir)
     assert len(output.splitlines()) < 15  # one line, not a schema dump
 
 
-def test_every_case_here_is_in_the_readme():
-    """The README's "When something goes wrong" section tells users what these tests check."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert "## When something goes wrong" in readme
+def test_every_case_here_is_in_the_troubleshooting_page():
+    """docs/troubleshooting.md ("When something goes wrong") tells users what these tests check."""
+    page = (Path(__file__).parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert "# When something goes wrong" in page
     for phrase in ("--unlock", "data.encoding", "data.duplicates", "superseded", "adaptune check"):
-        assert phrase in readme, phrase
+        assert phrase in page, phrase
 
 
 def test_a_moved_results_folder_keeps_its_mlflow_artifacts(tmp_path, monkeypatch):
@@ -617,3 +805,259 @@ def test_a_moved_results_folder_keeps_its_mlflow_artifacts(tmp_path, monkeypatch
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
     assert client.get_run(run.run_id).info.artifact_uri.startswith((new / "results").as_uri())
     assert not tracking.relocate_artifacts(uri, "moved", "results/moved/mlartifacts")  # once
+
+
+@pytest.mark.workflow
+def test_a_job_that_fails_on_a_data_problem_says_so_in_one_line(tmp_path, tiny_bert_dir):
+    """What the terminal shows of a job that fails on a problem adaptune names: the cause and
+    the fix in one line, and where the traceback is; not the traceback."""
+    rows = [r for r in news_rows() if r["label"] == "sport"]
+    source = csv_file(tmp_path / "one.csv", rows)
+    flow = Workflow(tmp_path / "flow", csv_config(tiny_bert_dir, source))
+    result = flow.run("--cores", "1", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(
+        r"^DataError: csv:.*one.csv: only one class \('sport'\); a classifier needs two or more "
+        r"\(traceback: results/faults/logs/prepare_data.log\)$",
+        output,
+        re.MULTILINE,
+    ), output[-3000:]
+    assert "Traceback" not in output
+    log = (flow.results("faults") / "logs/prepare_data.log").read_text()
+    assert "Traceback (most recent call last)" in log and "only one class" in log
+
+
+# --- what a user deletes, and the MLflow store as a view of the files --------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_bert_dir) -> Workflow:
+    """A complete run (two seeds of one strategy, and a baseline) that the tests below delete
+    parts of; each leaves it complete again."""
+    root = tmp_path_factory.mktemp("finished")
+    config = csv_config(tiny_bert_dir, csv_file(root / "n.csv", news_rows()))
+    config["train"]["seeds"] = [0, 1]
+    config["baselines"] = ["tfidf_logreg"]
+    flow = Workflow(root / "flow", config)
+    flow.run("--cores", "2")
+    return flow
+
+
+@pytest.mark.workflow
+def test_deleted_outputs_are_rebuilt_with_the_jobs_after_them(finished):
+    """A model folder, a metrics file and a data split, deleted after a complete run: a dry
+    run lists what rebuilds each, and a plain run rebuilds them (the same weights)."""
+    results = finished.results("faults")
+    first, second = results / "runs/full/k2/seed0", results / "runs/full/k2/seed1"
+    weights = (first / "model/model.safetensors").read_bytes()
+    shutil.rmtree(first / "model")
+    assert finished.dry_run_jobs() == {"finetune": 1, "evaluate": 1, "report": 1, "all": 1}
+    (second / "metrics.json").unlink()
+    assert finished.dry_run_jobs() == {"finetune": 1, "evaluate": 2, "report": 1, "all": 1}
+    (results / "data/val_k2.parquet").unlink()
+    jobs = {"sample_few_shot": 1, "finetune": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert finished.dry_run_jobs() == jobs
+    finished.run("--cores", "2")
+    assert (first / "model/model.safetensors").read_bytes() == weights
+    assert json.loads((second / "metrics.json").read_text())["test_examples"] == 12
+    assert (results / "data/val_k2.parquet").is_file()
+    assert finished.dry_run_jobs() == {}
+
+
+def store_runs(uri: str, name: str) -> dict:
+    """The live runs of experiment ``name`` by their key (``adaptune.key``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    keys = [run.data.tags[tracking.KEY_TAG] for run in runs]
+    assert len(keys) == len(set(keys)), keys  # one live run per key
+    return {run.data.tags[tracking.KEY_TAG]: run for run in runs}
+
+
+def file_run_ids(results: Path) -> dict:
+    """The run id each run's files name, by MLflow key."""
+    ids = {}
+    for path in results.rglob("mlflow_run_id"):
+        parts = path.relative_to(results).parts
+        key = "/".join(parts[1:-1])  # runs/full/k2/seed0 -> full/k2/seed0
+        ids[key] = path.read_text().strip()
+    return ids
+
+
+def artifact_paths(client, run_id: str, folder: str | None = None) -> set:
+    found = set()
+    for item in client.list_artifacts(run_id, folder):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.mark.workflow
+def test_a_deleted_mlflow_store_is_rebuilt_from_the_files_without_retraining(finished):
+    """Every run comes back, from its files alone: its params, curves, metrics, artifacts,
+    datasets, model and the registry's champion, as they were logged by the jobs (but for
+    the per-step curves and system metrics, which only MLflow held); nothing reruns."""
+    from mlflow.tracking import MlflowClient
+
+    results, db = finished.results("faults"), finished.root / "results/mlflow.db"
+    shutil.copy(db, finished.root / "before.db")
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in results.rglob("*")
+        if p.is_file() and not {"mlartifacts", "logs", "benchmarks"} & set(p.parts)
+    }
+    db.unlink()
+    dry = finished.run("-n")
+    assert re.search(
+        r"adaptune: MLflow at sqlite:///results/mlflow.db has no database file .*"
+        r"mlflow.db \(deleted\?\): the workflow brings it up to date when it runs "
+        r"\(3 run\(s\) of results/faults to log again",
+        dry.stderr,
+    ), dry.stderr
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert not db.exists()  # a dry run changes nothing
+    result = finished.run("--cores", "2")
+    output = result.stdout + result.stderr
+    assert "holds every finished run of results/faults again (3 logged from their files" in output
+    assert "Nothing to be done" in output  # nothing retrained or evaluated again
+    changed = [p for p, mtime in kept.items() if p.stat().st_mtime_ns != mtime]
+    assert sorted(p.name for p in changed) == ["mlflow_experiment.json"] + ["mlflow_run_id"] * 3
+
+    uri, before = f"sqlite:///{db}", f"sqlite:///{finished.root / 'before.db'}"
+    now, then = store_runs(uri, "faults"), store_runs(before, "faults")
+    assert {key: run.info.run_id for key, run in now.items()} == file_run_ids(results)
+    assert set(now) == set(then) == {"full/k2/seed0", "full/k2/seed1", "tfidf_logreg/k2"}
+    new, old = MlflowClient(uri), MlflowClient(before)
+    only_in_mlflow = {"train_loss_step", "lr", "grad_norm"}  # per step: in no file
+    for key, run in now.items():
+        was = then[key]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[tracking.LOGGED_TAG] == ("baseline" if "tfidf" in key else "evaluate")
+        assert run.data.params == was.data.params, key
+        lost = {m for m in was.data.metrics if m.startswith("system/")} | only_in_mlflow
+        assert set(run.data.metrics) == set(was.data.metrics) - lost, key
+        assert all(
+            run.data.metrics[m] == pytest.approx(was.data.metrics[m]) for m in run.data.metrics
+        )
+        for metric in ("val_macro_f1", "train_loss"):
+            if metric in was.data.metrics:
+                history = [m.value for m in new.get_metric_history(run.info.run_id, metric)]
+                assert history == [m.value for m in old.get_metric_history(was.info.run_id, metric)]
+        assert artifact_paths(new, run.info.run_id) == artifact_paths(old, was.info.run_id)
+        assert len(run.inputs.dataset_inputs) == len(was.inputs.dataset_inputs)
+        tags = {k for k in set(run.data.tags) ^ set(was.data.tags) if not k.startswith("mlflow.")}
+        assert tags == {tracking.REBUILT_TAG}
+        assert abs(run.info.start_time - was.info.start_time) < 60_000  # when its files were
+    models = new.search_logged_models([new.get_experiment_by_name("faults").experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(
+        now[k].info.run_id for k in now if "tfidf" not in k
+    )
+    best = pd.read_csv(results / "report/best_per_shots.csv").loc[0]
+    selected = f"{best['model_strategy']}/k2/seed{best['model_seed']}"
+    assert (
+        new.get_model_version_by_alias("faults-k2", "champion").run_id == now[selected].info.run_id
+    )
+    assert finished.dry_run_jobs() == {}
+    quiet = finished.run("-n")
+    assert "adaptune: MLflow" not in quiet.stderr  # in step now
+
+
+@pytest.mark.workflow
+def test_a_new_tracking_uri_retrains_nothing_and_sync_mlflow_repairs_by_hand(finished):
+    """Pointing mlflow.tracking_uri at another store retrains nothing and logs every run there;
+    a lost mlflow_experiment.json stops the workflow, naming the command that recreates it,
+    and that command works."""
+    results = finished.results("faults")
+    config = finished.config
+    config["mlflow"]["tracking_uri"] = "sqlite:///results/other.db"
+    finished.write_config(config)
+    dry = finished.run("-n")
+    assert (
+        "adaptune: MLflow at sqlite:///results/other.db is not the store the runs were logged "
+        "to, sqlite:///results/mlflow.db (experiment 'faults')" in dry.stderr
+    ), dry.stderr
+    # A new tracking URI retrains nothing (the report, whose params are the whole config,
+    # registers the champion there again).
+    for stage in ("prepare_data", "score_importance", "finetune", "evaluate"):
+        assert f"rule {stage}:" not in dry.stdout, dry.stdout[-2000:]
+    assert "rule report:" in dry.stdout  # (the dry run lists jobs as "rule NAME:")
+    finished.run("--cores", "2")
+    other = f"sqlite:///{finished.root / 'results/other.db'}"
+    ids = file_run_ids(results)
+    assert {key: run.info.run_id for key, run in store_runs(other, "faults").items()} == ids
+    assert tracking.read_experiment(results / "mlflow_experiment.json")["tracking_uri"] == (
+        "sqlite:///results/other.db"
+    )
+
+    (results / "mlflow_experiment.json").unlink()
+    (finished.root / "results/other.db").unlink()
+    stopped = finished.run("-n", "--configfile", "config/config.yaml", check=False)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0
+    assert (
+        "results/faults/mlflow_experiment.json is missing, but 3 finished run(s) in results/faults "
+        "log into MLflow through it: snakemake would train them all again. Recreate it, "
+        "without retraining: adaptune sync-mlflow config/config.yaml" in output
+    ), output[-2000:]
+    command = [sys.executable, "-m", "adaptune.cli", "sync-mlflow", "config/config.yaml"]
+    synced = subprocess.run(command, cwd=finished.root, capture_output=True, text=True)
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    for key in ids:
+        assert f"{key}: logged again from its files as run" in synced.stdout
+    assert "registered model faults-k2: version 1 is @champion" in synced.stdout
+    assert finished.dry_run_jobs() == {}
+    # (read without MLflow: this process's client still holds the deleted file open)
+    with sqlite3.connect(finished.root / "results/other.db") as db:
+        live = db.execute(
+            "select t.value, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+            "where t.key = 'adaptune.key' and r.lifecycle_stage = 'active'"
+        ).fetchall()
+    assert dict(live) == file_run_ids(results) and len(live) == 3
+
+
+@pytest.mark.workflow
+def test_a_run_whose_settings_predate_the_job_record_is_logged_again(
+    finished, tmp_path, monkeypatch
+):
+    """A run trained before settings.json held its job and tags (it held run, train, model and
+    plan): logged again, it has its own params, per-epoch curves, test metrics, model and
+    files, and lacks only what those sections never said (the data and importance settings,
+    the datasets, the plan and importance tables). Done in a copy of the results."""
+    from mlflow.tracking import MlflowClient
+
+    from adaptune import records
+
+    shutil.copytree(finished.results("faults"), tmp_path / "results/faults", symlinks=True)
+    monkeypatch.chdir(tmp_path)
+    results = Path("results/faults")
+    settings = results / "runs/full/k2/seed1/settings.json"
+    record = json.loads(settings.read_text())
+    assert {"job", "tags"} <= set(record)
+    settings.write_text(json.dumps({k: record[k] for k in ("run", "train", "model", "plan")}))
+    uri = f"sqlite:///{tmp_path / 'legacy.db'}"
+    done = records.sync(uri, "faults", results / "mlartifacts", results)
+    assert sorted(done["relogged"]) == ["full/k2/seed0", "full/k2/seed1", "tfidf_logreg/k2"]
+    runs = store_runs(uri, "faults")
+    client = MlflowClient(uri)
+    current, legacy = runs["full/k2/seed0"], runs["full/k2/seed1"]
+    for run, folder in ((current, "seed0"), (legacy, "seed1")):
+        metrics = json.loads((results / f"runs/full/k2/{folder}/metrics.json").read_text())
+        assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
+        assert run.data.tags[tracking.LOGGED_TAG] == "evaluate"
+        epochs = len(pd.read_csv(results / f"runs/full/k2/{folder}/history.csv"))
+        assert len(client.get_metric_history(run.info.run_id, "val_macro_f1")) == epochs
+        assert run.data.params["trainable_params"] == str(
+            json.loads((results / f"runs/full/k2/{folder}/train_summary.json").read_text())[
+                "trainable_params"
+            ]
+        )
+    never_said = set(current.data.params) - set(legacy.data.params)
+    assert set(legacy.data.params) < set(current.data.params)
+    assert all(p.startswith(("data.", "importance.")) for p in never_said), never_said
+    assert len(current.inputs.dataset_inputs) == 2 and not legacy.inputs.dataset_inputs
+    files = artifact_paths(client, current.info.run_id)
+    tables = {p for p in files if p.startswith("importance/") or p == "full.json"}
+    assert tables and artifact_paths(client, legacy.info.run_id) == files - tables
+    assert legacy.data.tags["strategy"] == "full" and legacy.data.tags["seed"] == "1"

@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from adaptune import strategies
-from adaptune.data import batches, loader, read_split, run_prepare_data
+from adaptune import strategies, training
+from adaptune.data import read_split, run_prepare_data
+from adaptune.data_info import DataInfo
 from adaptune.errors import ConfigError, DataError, ModelError, PlanError
 from adaptune.evaluation import predict
 from adaptune.importance import calibration_batches, layer_table, score_model
+from adaptune.modalities import loader
 from adaptune.modalities.image import MODALITY as IMAGE
 from adaptune.modalities.image.models import (
     build_backbone,
@@ -34,14 +36,14 @@ from adaptune.modalities.image.sources import (
 from adaptune.modalities.image.transforms import ImageTransform, image_tensor
 from adaptune.plans import Plan, ScoreTables, TensorPlan
 from adaptune.settings import DataSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
 
 from .conftest import DEVICES
 
 
-def load(model_dir, labels, seed: int = 0):
-    """A saved image model with a new head, as the image modality loads a pretrained one."""
-    return IMAGE.load_pretrained(ModelSettings.from_config(f"path:{model_dir}"), labels, seed, {})
+def load(model_dir, info: DataInfo, seed: int = 0):
+    """A saved image model with a new head, as the image modality bound to ``info`` loads a
+    pretrained one."""
+    return IMAGE.bind(info).load_pretrained(ModelSettings.from_config(f"path:{model_dir}"), seed)
 
 
 def settings(**values) -> TrainSettings:
@@ -196,7 +198,7 @@ def test_image_folder_and_csv_sources_read_the_same_images(digit_files):
 def test_a_broken_image_file_is_named(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot decode image .*broken.png"):
+    with pytest.raises(DataError, match=r"1 of 1 image\(s\) cannot be decoded: .*broken.png"):
         load_image_folder(tmp_path)
 
 
@@ -216,11 +218,11 @@ def digits_prepared(tmp_path_factory, tiny_vision_dir):
 
 def test_digits_are_decoded_once_and_cached_at_their_size(digits_prepared):
     info, splits = digits_prepared
-    assert info["modality"] == "image" and info["num_labels"] == 10
-    assert info["num_examples"] == 1797 and sum(len(s) for s in splits.values()) == 1797
-    assert info["cached_image_sizes"] == {"min": [8, 8], "max": [8, 8]}
-    assert info["transform"]["input_size"] == [32, 32]
-    assert ImageTransform.from_dict(info["transform"]).input_size == (32, 32)
+    assert info.modality == "image" and info.num_labels == 10
+    assert info.num_examples == 1797 and sum(len(s) for s in splits.values()) == 1797
+    assert info.encoding["cached_image_sizes"] == {"min": [8, 8], "max": [8, 8]}
+    assert info.encoding["transform"]["input_size"] == [32, 32]
+    assert IMAGE.bind(info).transform.input_size == (32, 32)
     train = splits["train"]
     assert {"image", "height", "width", "label", "label_id"} <= set(train.columns)
     assert len(train.iloc[0]["image"]) == 8 * 8 * 3
@@ -237,18 +239,19 @@ def test_large_images_are_cached_no_larger_than_the_model_uses():
 def test_batches_are_normalised_and_augmentation_is_seeded(digits_prepared):
     info, splits = digits_prepared
     frame = splits["train"].head(6)
-    plain = next(batches(frame, 6, info))
+    image = IMAGE.bind(info)
+    plain = next(image.batches(frame, 6))
     assert plain["pixel_values"].shape == (6, 3, 32, 32)
     assert plain["labels"].tolist() == frame["label_id"].tolist()
-    mean = torch.tensor(info["transform"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["transform"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(image.transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(image.transform.std).view(1, 3, 1, 1)
     pixels = plain["pixel_values"] * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    assert torch.equal(plain["pixel_values"], next(batches(frame, 6, info))["pixel_values"])
+    assert torch.equal(plain["pixel_values"], next(image.batches(frame, 6))["pixel_values"])
     augment = ["random_resized_crop", "horizontal_flip"]
 
     def augmented(seed, epoch=1, workers=0):
-        examples = IMAGE.examples(frame, info, augment, seed)
+        examples = image.examples(frame, augment, seed)
         examples.set_epoch(epoch)
         return next(iter(loader(examples, 6, workers=workers)))["pixel_values"]
 
@@ -295,13 +298,13 @@ def test_frozen_batchnorm_keeps_its_statistics_unless_told(
     digits_prepared, tiny_vision_dir, mode, device
 ):
     info, splits = digits_prepared
-    task = load(tiny_vision_dir, info["labels"])
+    task = load(tiny_vision_dir, info)
     before = batchnorm_statistics(task.model)
     train_settings = settings(epochs=1, batch_size=16, lr=1e-2, frozen_batchnorm=mode)
     train = splits["train"].head(32)
     val = splits["val"].head(16)
     device = torch.device(device)
-    finetune(task, plan(task.model, task.head), train, val, train_settings, 0, info, device)
+    training.train(task, plan(task.model, task.head), train, val, train_settings, 0, device)
     after = batchnorm_statistics(task.model.cpu())
     unchanged = [torch.equal(before[k], after[k]) for k in before]
     assert len(unchanged) == 2 * 15  # running mean and variance of each of the 15 BatchNorms
@@ -310,27 +313,26 @@ def test_frozen_batchnorm_keeps_its_statistics_unless_told(
 
 def test_a_finetuned_image_model_saves_and_reloads(digits_prepared, tiny_vision_dir, tmp_path):
     info, splits = digits_prepared
-    task = load(tiny_vision_dir, info["labels"])
+    task = load(tiny_vision_dir, info)
     assert task.head == ("fc.weight", "fc.bias")
     train_settings = settings(epochs=3, batch_size=16, lr=1e-2, augment=["random_resized_crop"])
-    result = finetune(
+    result = training.train(
         task,
         plan(task.model, task.head, "full"),
         splits["train"].head(160),
         splits["val"],
         train_settings,
         0,
-        info,
         torch.device("cpu"),
     )
     assert result.best_val_macro_f1 > 0.4  # ten classes: chance is 0.1
-    IMAGE.save(task, tmp_path, ModelSettings.from_config(f"path:{tiny_vision_dir}"), info)
+    task.modality.save(task, tmp_path, ModelSettings.from_config(f"path:{tiny_vision_dir}"))
     saved = json.loads((tmp_path / "adaptune_model.json").read_text())
-    assert saved["name"] == "timm:test_resnet" and saved["labels"] == info["labels"]
-    assert saved["transform"] == info["transform"]
+    assert saved["name"] == "timm:test_resnet" and saved["labels"] == list(info.labels)
+    assert saved["transform"] == info.encoding["transform"]
     val = splits["val"].head(20)
-    logits = predict(task, val, 8, info, torch.device("cpu"))
-    reloaded = predict(IMAGE.load_finetuned(tmp_path), val, 8, info, torch.device("cpu"))
+    logits = predict(task, val, 8, torch.device("cpu"))
+    reloaded = predict(task.modality.load_finetuned(tmp_path), val, 8, torch.device("cpu"))
     np.testing.assert_allclose(reloaded, logits, atol=1e-5)
 
 
@@ -351,6 +353,12 @@ STRATEGIES = {
     "childtuning_d": {"kind": "childtuning_d", "p": 0.3},
     "lora": {"kind": "lora", "r": 4, "targets": ["layer4.0.conv2"]},
     "lp_ft": {"kind": "lp_ft", "probe_epochs": 1},
+    "lisa": {"kind": "lisa", "layers": 2, "interval_fraction": 0.25},
+    "lisa_importance": {"kind": "lisa_importance", "layers": 2, "interval_fraction": 0.25},
+    "badam": {"kind": "badam", "interval_fraction": 0.2},
+    "sparse_mask": {"kind": "sparse_mask", "density": 0.1},
+    "hft": {"kind": "hft"},
+    "progressive_freeze": {"kind": "progressive_freeze", "threshold": 10.0},
 }
 
 
@@ -360,8 +368,8 @@ def cnn_scores(digits_prepared, tiny_vision_dir):
     from adaptune.config import metric_names
 
     info, splits = digits_prepared
-    task = load(tiny_vision_dir, info["labels"])
-    calibration = calibration_batches(splits["train"], 1, 8, info, seed=0)
+    task = load(tiny_vision_dir, info)
+    calibration = calibration_batches(task.modality, splits["train"], 1, 8, seed=0)
     scores, _ = score_model(task, calibration, metric_names(), probes=2)
     return ScoreTables(scores, layer_table(scores))
 
@@ -371,15 +379,14 @@ def test_every_strategy_trains_an_image_model(digits_prepared, tiny_vision_dir, 
     info, splits = digits_prepared
     assert cnn_scores.tensors.notna().all().all()
     plan_ = strategies.build_plan(cnn_scores, name, STRATEGIES[name])
-    task = load(tiny_vision_dir, info["labels"])
-    result = finetune(
+    task = load(tiny_vision_dir, info)
+    result = training.train(
         task,
         plan_,
         splits["train"].head(24),
         splits["val"].head(16),
         settings(epochs=2, batch_size=8, lr=1e-2),
         0,
-        info,
         torch.device("cpu"),
     )
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
@@ -390,15 +397,14 @@ def test_lora_names_a_module_the_model_lacks(digits_prepared, tiny_vision_dir, c
     info, splits = digits_prepared
     spec = {"kind": "lora", "targets": ["layer9.conv"]}
     plan_ = strategies.build_plan(cnn_scores, "lora", spec)
-    task = load(tiny_vision_dir, info["labels"])
+    task = load(tiny_vision_dir, info)
     with pytest.raises(PlanError, match=r"lora: cannot adapt \['layer9.conv'\]"):
-        finetune(
+        training.train(
             task,
             plan_,
             splits["train"].head(8),
             splits["val"].head(8),
             settings(epochs=1),
             0,
-            info,
             torch.device("cpu"),
         )

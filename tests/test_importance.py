@@ -3,6 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
+from adaptune import modalities
+from adaptune.data_info import DataInfo
 from adaptune.figures import plot_heatmap
 from adaptune.importance import (
     calibration_batches,
@@ -91,9 +93,8 @@ def test_heatmap_is_written(task, tiny_bert_dir, tmp_path):
 
 def test_calibration_batches_cycle_a_small_split():
     frame = pd.DataFrame({"input_ids": [np.array([i + 1]) for i in range(5)], "label_id": range(5)})
-    batches = calibration_batches(
-        frame, count=3, batch_size=4, data_info={"modality": "text", "pad_token_id": 0}, seed=0
-    )
+    text = modalities.for_data(DataInfo.for_labels("text", list("abcde"), pad_token_id=0))
+    batches = calibration_batches(text, frame, count=3, batch_size=4, seed=0)
     assert [len(b["labels"]) for b in batches] == [4, 4, 4]
     labels = torch.cat([b["labels"] for b in batches]).tolist()
     assert sorted(labels[:5]) == [0, 1, 2, 3, 4]
@@ -130,20 +131,20 @@ def test_a_probed_head_leaves_the_body_untouched_and_the_gradients_to_it(minilm_
     and of the squared gradient (1,925 of 22.7M weights); after the probe, which fits the head
     alone (well above chance on its training split), a tenth of that, while every body weight
     stays bit for bit the pretrained one."""
-    from adaptune import modalities
     from adaptune.scoring import probe_head
     from adaptune.settings import ImportanceSettings
 
     model, few, info = minilm_news
     settings = ImportanceSettings.from_config({"head": "probe", "batches": 1, "batch_size": 8})
-    batches = calibration_batches(few, 1, 8, info, settings.seed)
+    modality = modalities.for_data(info)
+    batches = calibration_batches(modality, few, 1, 8, settings.seed)
     shares = {}
     for head in ("random", "probe"):
-        task = modalities.get(info).load_pretrained(model, info["labels"], settings.seed, info)
+        task = modality.load_pretrained(model, settings.seed)
         task.model.eval()
         before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
         if head == "probe":
-            probe = probe_head(task, few, info, settings, torch.device("cpu"))
+            probe = probe_head(task, few, settings, torch.device("cpu"))
             assert probe.probe_epochs == 10 and probe.train_accuracy > 0.6  # chance: 0.2
             changed = {n for n, p in task.model.named_parameters() if not torch.equal(before[n], p)}
             assert changed == set(task.head)

@@ -8,16 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from adaptune import training
+from adaptune.data_info import DataInfo
 from adaptune.modalities import TaskModel
 from adaptune.modalities.base import Examples
 from adaptune.modalities.image import MODALITY as IMAGE
 from adaptune.plans import Plan, TensorPlan
 from adaptune.prefix import FeatureStore, find_boundary
 from adaptune.settings import TrainSettings
-from adaptune.training import finetune
 
 from .conftest import tiny_task
-from .test_training import TEXT, frame
+from .test_training import frame
 
 
 def plan_for(model: nn.Module, trains, kind: str = "full", head=()) -> Plan:
@@ -79,8 +80,8 @@ def test_cached_training_is_exact_without_dropout(tiny_bert_dir, trains, caplog)
             {"epochs": 3, "batch_size": 8, "lr": 1e-2, "feature_cache": cache}
         )
         before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
-        result = finetune(
-            task, plan, frame(24, 0), frame(12, 1), settings, 0, TEXT, torch.device("cpu")
+        result = training.train(
+            task, plan, frame(24, 0), frame(12, 1), settings, 0, torch.device("cpu")
         )
         after = {n: p.detach().clone() for n, p in task.model.named_parameters()}
         for t in plan.tensors:
@@ -111,23 +112,16 @@ def test_an_image_model_trains_its_head_on_cached_features(tiny_vision_dir, capl
             "label_id": np.arange(30) % 3,
         }
     )
-    info = {
-        "modality": "image",
-        "transform": {
-            "input_size": [32, 32],
-            "resize_size": 32,
-            "mean": [0.5] * 3,
-            "std": [0.5] * 3,
-        },
-    }
+    transform = {"input_size": [32, 32], "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    info = DataInfo.for_labels("image", ["a", "b", "c"], transform=transform)
 
     def train(cache: str) -> dict[str, torch.Tensor]:
-        task = load(tiny_vision_dir, ["a", "b", "c"])
+        task = load(tiny_vision_dir, info)
         plan = plan_for(task.model, lambda n: n in task.head)
         settings = TrainSettings.from_config(
             {"epochs": 2, "batch_size": 8, "lr": 1e-2, "feature_cache": cache}
         )
-        finetune(task, plan, table.head(21), table.tail(9), settings, 0, info, torch.device("cpu"))
+        training.train(task, plan, table.head(21), table.tail(9), settings, 0, torch.device("cpu"))
         return {n: p.detach().clone() for n, p in task.model.named_parameters()}
 
     cached = train("auto")
@@ -167,7 +161,7 @@ class VectorExamples(Examples):
 
 
 class Vectors(type(IMAGE)):
-    def examples(self, frame, info, augment=(), seed=0):
+    def examples(self, frame, augment=(), seed=0):
         return VectorExamples(frame)
 
 
@@ -179,7 +173,9 @@ def test_a_prefix_that_is_not_a_chain_falls_back_to_the_full_forward(caplog):
     data = pd.DataFrame({"x": list(rows), "label_id": np.arange(20) % 3})
     plan = plan_for(model, lambda n: n.startswith(("blocks.2", "head")))
     settings = TrainSettings.from_config({"epochs": 2, "batch_size": 5, "lr": 1e-2})
-    result = finetune(task, plan, data.head(15), data.tail(5), settings, 0, {}, torch.device("cpu"))
+    result = training.train(
+        task, plan, data.head(15), data.tail(5), settings, 0, torch.device("cpu")
+    )
     assert "feature cache off: the cached and the full forward disagree" in caplog.text
     assert len(result.history) == 2
 

@@ -3,13 +3,17 @@ import json
 import pandas as pd
 import pytest
 
+from adaptune.errors import ConfigError
+from adaptune.experiment import check_reference
 from adaptune.report import (
     best_per_shots,
     interval,
     leaderboard,
     paired_difference,
+    reference_strategy,
     run_report,
     summarise,
+    to_markdown,
 )
 
 
@@ -89,12 +93,40 @@ def test_the_strategy_is_selected_on_validation_and_compared_with_full_by_seed(t
         for s, f1 in enumerate([0.75, 0.66, 0.86])
     ]
     board = leaderboard(files)
-    best = best_per_shots(summarise(board), board).set_index("shots")
+    best = best_per_shots(summarise(board), board, "full").set_index("shots")
     assert best.loc["8", "selected_strategy"] == "head_only"
     assert best.loc["8", "test_macro_f1_mean"] == pytest.approx(0.7566667)
     # differences -0.05, -0.04, -0.04: mean -0.04333, t(2) interval 4.303 * 0.005774 / sqrt(3)
-    assert best.loc["8", "diff_vs_full"] == pytest.approx(-0.0433333)
+    assert best.loc["8", "diff_vs_reference"] == pytest.approx(-0.0433333)
     half = 4.302653 * 0.0057735 / 3**0.5
-    assert best.loc["8", "diff_vs_full_low"] == pytest.approx(-0.0433333 - half, rel=1e-4)
+    assert best.loc["8", "diff_vs_reference_low"] == pytest.approx(-0.0433333 - half, rel=1e-4)
     one_seed = paired_difference(board[board["seed"] == 0], "8", "head_only", "full")
     assert one_seed["n"] == 1 and "n=1, no interval" in interval(one_seed)
+
+
+def test_the_reference_is_a_setting_not_a_name(tmp_path):
+    """A full fine-tuning strategy called full_ft is the reference (the one of kind full);
+    report.reference picks another; with two of kind full and none named, the page says so in
+    words instead of a column of dashes; a reference that is not a strategy stops the config."""
+    files = [
+        write_run(tmp_path, name, "8", s, f1 + bonus, val=0.5 + bonus)
+        for name, bonus in (("full_ft", 0.0), ("head_only", 0.05), ("full_big", -0.1))
+        for s, f1 in enumerate([0.8, 0.7, 0.9])
+    ]
+    board = leaderboard(files)
+    summary = summarise(board)
+    strategies = {"full_ft": {"kind": "full"}, "head_only": {"kind": "head_only"}}
+    assert reference_strategy({"strategies": strategies}) == "full_ft"
+    page = to_markdown(board, summary, "exp", reference="full_ft")
+    assert "| vs full_ft (paired) |" in page
+    assert "test macro-F1 minus full_ft's: +0.0500 [+0.0500, +0.0500], n=3" in page
+    chosen = {"strategies": strategies, "report": {"reference": "head_only"}}
+    assert reference_strategy(chosen) == "head_only"
+    both = {**strategies, "full_big": {"kind": "full"}}
+    assert reference_strategy({"strategies": both}) is None
+    page = to_markdown(board, summary, "exp", reference=None, full_strategies=2)
+    assert "No strategy to compare with: set report.reference" in page
+    assert "vs " not in page and "no reference strategy to compare with" in page
+    check_reference("full_ft", {"full_ft@lr=0.001": {}, "head_only": {}})  # a swept one
+    with pytest.raises(ConfigError, match=r"report\.reference = 'full'.*full_ft, head_only"):
+        check_reference("full", strategies)

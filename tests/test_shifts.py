@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from adaptune import modalities
+from adaptune.data_info import DataInfo
 from adaptune.errors import ConfigError
 from adaptune.experiment import check_shifts
 from adaptune.modalities.image.shifts import SHIFTS as IMAGE_SHIFTS
@@ -84,21 +85,21 @@ def test_shift_names_round_trip():
 
 def test_a_shift_of_the_other_modality_is_a_config_error():
     with pytest.raises(ConfigError, match=r"evaluate.shifts.gaussian_blur: not a shift of text"):
-        check_shifts(modalities.get({"modality": "text"}), {"gaussian_blur": [3]})
-    check_shifts(modalities.get({"modality": "image"}), {"gaussian_blur": [3]})
+        check_shifts(modalities.get("text"), {"gaussian_blur": [3]})
+    check_shifts(modalities.get("image"), {"gaussian_blur": [3]})
 
 
 def test_a_shifted_text_split_is_tokenised_as_the_test_split_was(tiny_bert_dir):
     from adaptune.modalities.text import models, tokenize
 
-    modality = modalities.get({"modality": "text"})
+    modality = modalities.get("text")
     model = ModelSettings.from_config({"name": f"path:{tiny_bert_dir}"})
     data = DataSettings.from_config({"source": "bundled:bbc-news", "max_length": 16})
     tokenizer = models.load_tokenizer(model.name)
     test = tokenize(
         pd.DataFrame({"example_id": IDS, "text": TEXTS, "label_id": [0, 1, 2]}), tokenizer, 16
     )
-    shifted = modality.shift(test, "word_dropout", 5, 0, {}, data, model)
+    shifted = modality.shift(test, "word_dropout", 5, 0, data, model)
     assert shifted["label_id"].tolist() == [0, 1, 2]
     assert shifted["text"].tolist() == perturbed(TEXTS, IDS, TEXT_SHIFTS["word_dropout"], 5, 0)
     expected = tokenize(shifted[["example_id", "text", "label_id"]], tokenizer, 16)
@@ -121,12 +122,12 @@ def test_a_shifted_image_split_is_corrupted_at_the_models_resize_size(tiny_visio
             "label_id": [3],
         }
     )
-    modality = modalities.get({"modality": "image"})
-    info = {"transform": transform.to_dict()}
-    shifted = modality.shift(test, "gaussian_noise", 2, 0, info, None, None)
+    info = DataInfo.for_labels("image", [str(i) for i in range(10)], transform=transform.to_dict())
+    modality = modalities.for_data(info)
+    shifted = modality.shift(test, "gaussian_noise", 2, 0, None, None)
     assert (shifted["height"].item(), shifted["width"].item()) == (36, 38)
     assert shifted["label_id"].item() == 3
-    again = modality.shift(test, "gaussian_noise", 2, 0, info, None, None)
+    again = modality.shift(test, "gaussian_noise", 2, 0, None, None)
     assert shifted["image"].item() == again["image"].item()
-    other = modality.shift(test, "gaussian_noise", 2, 1, info, None, None)
+    other = modality.shift(test, "gaussian_noise", 2, 1, None, None)
     assert shifted["image"].item() != other["image"].item()

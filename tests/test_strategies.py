@@ -6,19 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from adaptune import strategies
+from adaptune import strategies, training
 from adaptune.evaluation import predict
-from adaptune.modalities.text import MODALITY as TEXT_MODALITY
 from adaptune.optim import build_optimizer, param_groups, warmup_linear_schedule
 from adaptune.plans import Plan, TensorPlan
 from adaptune.settings import TrainSettings
-from adaptune.strategies import NoSettings, Run
+from adaptune.strategies import NoSettings, TrainingContext
 from adaptune.strategies.auto_rgn import AutoRGNHooks
 from adaptune.strategies.lora import attention_projections
-from adaptune.training import finetune
 
 from .conftest import tiny_task
-from .test_training import TEXT, frame
+from .test_training import frame
 
 
 def settings(**values) -> TrainSettings:
@@ -57,7 +55,7 @@ def test_auto_rgn_sets_lr_by_relative_gradient_norm():
     def hooks_for(exempt: tuple[str, ...]) -> AutoRGNHooks:
         plan = plan_of(model, "auto_rgn", head=exempt)
         hooks = AutoRGNHooks(NoSettings(), settings(lr=0.1, optimizer="sgd"))
-        hooks.start(Run(None, plan, None, {}, hooks.train, None, optimizer, scheduler))
+        hooks.start(TrainingContext(None, plan, None, hooks.train, None, optimizer, scheduler))
         return hooks
 
     groups = param_groups(model, plan_of(model, "auto_rgn"), 0.0, per_tensor=True)
@@ -98,7 +96,7 @@ def test_childtuning_d_trains_only_the_top_fisher_weights(task):
     plan = plan_of(model, "childtuning_d", p=0.05)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = settings(optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=1, batch_size=8)
-    result = finetune(task, plan, frame(16, 0), frame(9, 1), train, 0, TEXT, torch.device("cpu"))
+    result = training.train(task, plan, frame(16, 0), frame(9, 1), train, 0, torch.device("cpu"))
     total = sum(p.numel() for p in model.parameters())
     changed = sum(int((before[n] != p.detach()).sum()) for n, p in model.named_parameters())
     assert 0 < changed <= round(0.05 * total) + 1
@@ -121,18 +119,16 @@ def test_lora_trains_adapters_only_and_merges_into_a_plain_model(task, tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = settings(lr=5e-3, epochs=1, batch_size=8, warmup_ratio=0.0)
     val = frame(9, 1)
-    result = finetune(task, plan, frame(16, 0), val, train, 0, TEXT, torch.device("cpu"))
+    result = training.train(task, plan, frame(16, 0), val, train, 0, torch.device("cpu"))
     # adapters: 8 projections x r x (in + out) = 8 x 4 x 64, plus the head
     assert result.trainable_params == 8 * 4 * 64 + 32 * 3 + 3
     assert set(before) == {n for n, _ in model.named_parameters()}  # merged and unloaded
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {f"{t}.weight" for t in targets} | {"classifier.weight", "classifier.bias"}
-    logits = predict(task, val, 16, TEXT, torch.device("cpu"))
+    logits = predict(task, val, 16, torch.device("cpu"))
     model.save_pretrained(tmp_path)
-    reloaded = TEXT_MODALITY.load_finetuned(tmp_path)
-    np.testing.assert_allclose(
-        predict(reloaded, val, 16, TEXT, torch.device("cpu")), logits, atol=1e-5
-    )
+    reloaded = task.modality.load_finetuned(tmp_path)
+    np.testing.assert_allclose(predict(reloaded, val, 16, torch.device("cpu")), logits, atol=1e-5)
 
 
 def test_lp_ft_probes_the_head_at_its_rate_then_fine_tunes_everything(task):
@@ -161,7 +157,7 @@ def test_lp_ft_probes_the_head_at_its_rate_then_fine_tunes_everything(task):
         seen.append(row)
         after[row["epoch"]] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    finetune(task, plan, frame(16, 0), frame(9, 1), train, 0, TEXT, torch.device("cpu"), on_epoch)
+    training.train(task, plan, frame(16, 0), frame(9, 1), train, 0, torch.device("cpu"), on_epoch)
     assert all(torch.equal(start[n], after[2][n]) for n in body)
     assert not torch.equal(start[head[0]], after[2][head[0]])
     assert all(not torch.equal(after[2][n], after[3][n]) for n in body if "embeddings" not in n)

@@ -77,6 +77,8 @@ def runs() -> pd.DataFrame:
                     "shift_drop": 0.1,
                     "trainable_fraction": 1.0,
                     "train_seconds": 1.0,
+                    "optimizer_state_bytes": 1000 * (seed + 1),
+                    "peak_memory_bytes": 2000 * (seed + 1),
                 }
             )
     return pd.DataFrame(rows)
@@ -94,6 +96,9 @@ def test_the_value_is_chosen_on_validation_per_seed_and_test_is_reported_for_it(
     assert len(chosen) == 6 and (chosen.loc[chosen["strategy"] == "full", "setting"] == "").all()
     summary = summarise(chosen)
     assert summary.set_index("strategy").loc["llrd", "chosen"] == "lr=0.0001 x3"
+    # Memory is the most any seed's run needed.
+    assert (summary["optimizer_state_bytes"] == 3000).all()
+    assert (summary["peak_memory_bytes"] == 6000).all()
 
 
 def test_the_choice_never_reads_a_test_metric():

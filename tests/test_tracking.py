@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pandas as pd
 import pytest
 
 from adaptune import tracking
@@ -173,3 +174,71 @@ def test_a_sqlite_store_without_shared_files_stops_when_parsed(tmp_path, tiny_be
     output = result.stdout + result.stderr
     assert "is a file on this machine" not in output
     assert "no MLflow server answers at http://127.0.0.1:9" in output
+
+
+@pytest.mark.workflow
+def test_a_server_that_stops_mid_job_costs_no_training_and_is_caught_up(tmp_path, tiny_bert_dir):
+    """The tracking server stops while a run trains: the jobs finish and write their files,
+    saying (naming the URL) that MLflow is brought up to date later; once the server is back,
+    the next run logs them, leaving one finished run per key with all of its files' record."""
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from .services import free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    config = tiny_config(tiny_bert_dir, experiment="outage")
+    config["strategies"] = {"head_only": {"kind": "head_only", "train": {"lr": 1e-3}}}
+    config["baselines"] = []
+    epochs = 150  # long enough to lose the server while training, on a fast machine too
+    config["train"]["epochs"] = epochs
+    config["mlflow"] = {"tracking_uri": uri}
+    flow = Workflow(tmp_path / "checkout", config)
+    run_dir = flow.results("outage") / "runs/head_only/k4/seed0"
+    log = (tmp_path / "snakemake.log").open("w")
+    with mlflow_server(tmp_path / "server", port=port):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--cores", "2"],
+            cwd=flow.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 600
+        while not (run_dir / "mlflow_run_id").exists():
+            assert process.poll() is None and time.monotonic() < deadline, "finetune never started"
+            time.sleep(0.5)
+        time.sleep(5)  # a few epochs logged
+        first_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert process.wait(timeout=900) == 0, (tmp_path / "snakemake.log").read_text()[-3000:]
+    output = (tmp_path / "snakemake.log").read_text()
+    assert f"adaptune: MLflow at {uri} stopped answering (" in output
+    assert "the next snakemake brings MLflow up to date from them once it answers again" in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(pd.read_csv(run_dir / "history.csv")) == epochs
+    training = (flow.results("outage") / "logs/finetune/head_only/k4/seed0.log").read_text()
+    assert f"MLflow at {uri} stopped answering" in training, "trained before the server stopped"
+
+    with mlflow_server(tmp_path / "server", port=port):
+        rerun = flow.run("--cores", "2")
+        output = rerun.stdout + rerun.stderr
+        assert f"adaptune: MLflow at {uri} lacks 1 of the 1 finished runs' records" in output
+        assert "Nothing to be done" in output  # nothing trained again
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("outage")
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.data.tags["adaptune.key"] for r in runs] == ["head_only/k4/seed0"]
+        run = runs[0]
+        assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip() != first_id
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.LOGGED_TAG] == "evaluate"
+        assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["test_macro_f1"])
+        assert len(client.get_metric_history(run.info.run_id, "val_macro_f1")) == epochs
+        replaced = client.get_run(first_id)
+        assert replaced.info.lifecycle_stage == "deleted"
+        assert replaced.data.tags[tracking.SUPERSEDED_TAG] == run.info.run_id
+        champion = client.get_model_version_by_alias("outage-k4", "champion")
+        assert champion.run_id == run.info.run_id
+        assert "adaptune: MLflow" not in flow.run("-n").stderr

@@ -3,14 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
+from adaptune import training
 from adaptune.evaluation import predict
 from adaptune.plans import Plan, TensorPlan
 from adaptune.settings import TrainSettings
-from adaptune.training import finetune
 
 from .conftest import DEVICES, tiny_task
-
-TEXT = {"modality": "text", "pad_token_id": 0}
 
 
 def frame(n: int, seed: int) -> pd.DataFrame:
@@ -49,7 +47,7 @@ def test_frozen_tensors_are_bit_identical_and_hold_no_state(task, device):
     plan = body_frozen_plan(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = settings(optimizer="adam", lr=1e-2, epochs=2, batch_size=8, eval_batch_size=16)
-    result = finetune(task, plan, frame(24, 0), frame(12, 1), train, 0, TEXT, torch.device(device))
+    result = training.train(task, plan, frame(24, 0), frame(12, 1), train, 0, torch.device(device))
     frozen = {t.name for t in plan.tensors if t.frozen}
     for name, param in model.named_parameters():
         assert param.device.type == device
@@ -69,12 +67,12 @@ def test_training_learns_and_keeps_the_best_epoch(task, device):
     )
     train = settings(lr=3e-3, epochs=4, batch_size=8, warmup_ratio=0.0)
     val = frame(30, 1)
-    result = finetune(task, plan, frame(48, 0), val, train, 0, TEXT, torch.device(device))
+    result = training.train(task, plan, frame(48, 0), val, train, 0, torch.device(device))
     history = result.history
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert result.best_val_macro_f1 == history["val_macro_f1"].max()
     assert result.best_epoch == int(history.loc[history["val_macro_f1"].idxmax(), "epoch"])
-    logits = predict(task, val, 16, TEXT, torch.device(device))
+    logits = predict(task, val, 16, torch.device(device))
     from adaptune.evaluation import classification_metrics
 
     restored = classification_metrics(val["label_id"].to_numpy(), logits.argmax(1), 3)["macro_f1"]
@@ -94,7 +92,7 @@ def test_same_seed_same_result(tiny_bert_dir):
             ],
         )
         train = settings(lr=1e-3, epochs=1, batch_size=8)
-        finetune(task, plan, frame(16, 0), frame(9, 1), train, 3, TEXT, torch.device("cpu"))
+        training.train(task, plan, frame(16, 0), frame(9, 1), train, 3, torch.device("cpu"))
         return torch.cat([p.detach().flatten() for p in task.model.parameters()])
 
     assert torch.equal(run(), run())
@@ -117,7 +115,7 @@ def test_scheduled_tensors_wait_for_their_epoch(task):
     assert all(p.requires_grad for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = settings(lr=1e-2, epochs=1, batch_size=8)
-    finetune(task, plan, frame(16, 0), frame(9, 1), train, 0, TEXT, torch.device("cpu"))
+    training.train(task, plan, frame(16, 0), frame(9, 1), train, 0, torch.device("cpu"))
     for name, param in model.named_parameters():
         head = name.startswith("classifier")
         assert torch.equal(before[name], param.detach()) != head, name

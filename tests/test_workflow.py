@@ -168,13 +168,12 @@ def test_each_mlflow_run_is_complete_and_the_selected_model_is_registered(workfl
     assert rates[0] > 0 and len(rates) == 3  # the rate each step used, not the one after it
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"train", "validation"}
-    summary = json.loads(
-        (workflow.results("tiny") / "runs/full/k4/seed0/train_summary.json").read_text()
-    )
+    from adaptune.tracking import logged_model_uri
+
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the global store
     try:
-        logged = mlflow.pyfunc.load_model(summary["mlflow_model_uri"])
+        logged = mlflow.pyfunc.load_model(logged_model_uri(tracking_uri, run_id))
         predicted = logged.predict(["a short text about the markets"])
     finally:
         mlflow.set_tracking_uri(previous)
@@ -182,9 +181,10 @@ def test_each_mlflow_run_is_complete_and_the_selected_model_is_registered(workfl
     assert set(predicted["label"]) <= set(
         json.loads((workflow.results("tiny") / "data/data.json").read_text())["labels"]
     )
-    best = pd.read_csv(workflow.results("tiny") / "report/best_per_shots.csv")
+    best = pd.read_csv(workflow.results("tiny") / "report/best_per_shots.csv").loc[0]
     champion = client.get_model_version_by_alias("tiny-k4", "champion")
-    assert champion.run_id == best.loc[0, "mlflow_run_id"]
+    selected = f"runs/{best['model_strategy']}/k4/seed{best['model_seed']}/mlflow_run_id"
+    assert champion.run_id == (workflow.results("tiny") / selected).read_text().strip()
 
 
 def test_a_second_run_has_nothing_to_do(workflow):

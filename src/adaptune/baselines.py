@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from adaptune import modalities, tracking
-from adaptune.data import read_data_info, read_split
+from adaptune.data import read_split
+from adaptune.data_info import DataInfo
 from adaptune.errors import ConfigError
 from adaptune.evaluation import (
     evaluate_predictions,
@@ -34,8 +36,8 @@ def run_baseline(
     """Fit baseline ``name`` on the few-shot split, evaluate it on the test split and on each
     shifted copy of it (``shifted``: name -> path) like the fine-tuned models, and record it as
     an MLflow run."""
-    info = read_data_info(data_info_path)
-    modality = modalities.get(info)
+    info = DataInfo.read(data_info_path)
+    modality = modalities.get(info.modality)
     if name not in modality.baselines:
         raise ConfigError(
             f"baselines: {name} cannot run on {modality.name} data; use "
@@ -49,19 +51,19 @@ def run_baseline(
 
     def scores_of(split: pd.DataFrame) -> np.ndarray:
         """Log-probabilities over every class (one the few-shot split lacks: log 1e-12)."""
-        probabilities = np.zeros((len(split), len(info["labels"])))
+        probabilities = np.zeros((len(split), info.num_labels))
         probabilities[:, model.classes_] = model.predict_proba(baseline.features(split))
         return np.log(np.clip(probabilities, 1e-12, 1)).astype(np.float32)
 
     metrics, per_class, matrix = evaluate_predictions(
-        test["label_id"].to_numpy(), scores_of(test), info["labels"]
+        test["label_id"].to_numpy(), scores_of(test), info.labels
     )
     metrics.update(
-        shift_metrics(scores_of, shifted or {}, len(info["labels"]), metrics["test_macro_f1"])
+        shift_metrics(scores_of, shifted or {}, info.num_labels, metrics["test_macro_f1"])
     )
     classifier = model[-1]
     experiment = tracking.read_experiment(experiment_path)
-    source = info.get("source", "the data")
+    source = info.source or "the data"
     description = f"{name} on {shots} examples per class of {source}: no fine-tuning"
     tags = {
         "strategy": name,
@@ -71,6 +73,7 @@ def run_baseline(
         **tracking.source_tags("fit_baseline", description),
     }
     key = f"{name}/k{shots}"
+    params = {"strategy": name, "shots": shots, **baseline.describe(model)}
     with tracking.start_run(experiment, key, f"{name}-k{shots}", tags) as run:
         metrics = {
             "strategy": name,
@@ -81,11 +84,13 @@ def run_baseline(
             "train_seconds": train_seconds,
             "best_epoch": None,
             "best_val_macro_f1": None,
-            "mlflow_run_id": run.run_id,
             **metrics,
+            # what its MLflow run is made of, so that it can be logged again (adaptune.records)
+            "mlflow": {"params": params, "tags": tags},
         }
-        run.log_params({"strategy": name, "shots": shots, **baseline.describe(model)})
+        Path(outputs["run_id"]).write_text(run.run_id + "\n")
+        run.log_params(params)
         title = f"{name}, {shots} shots: macro-F1 {metrics['test_macro_f1']:.3f}"
         save_evaluation(metrics, per_class, matrix, title, outputs)
-        log_evaluation(run, metrics, outputs)
+        log_evaluation(run, metrics, outputs, "baseline")
     return metrics

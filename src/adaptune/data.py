@@ -11,26 +11,78 @@ needs (the modality's own keys).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from adaptune import modalities
+from adaptune.data_info import DataInfo
 from adaptune.errors import DataError
-from adaptune.modalities import Batch, Examples, Modality
 from adaptune.modalities.files import content_fingerprint
 from adaptune.settings import DataSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+
+
+INTEGRAL_FLOAT = re.compile(r"^[+-]?[0-9]+\.0*$")
+NUMBER = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+
+
+def integral_names(labels: pd.Series, source: str) -> pd.Series:
+    """Labels written as integral floats (``0.0``, ``1.0``: a column of class numbers that a
+    gap made floats, then saved) named as the integers they are (``0``, ``1``), and the log
+    says so. They keep their spelling, and the log says why, where renaming would merge two
+    classes (``1`` and ``1.0`` both present) or where other labels are fractional numbers (the
+    column holds real values, not class numbers)."""
+    written = list(labels.unique())
+    floats = [label for label in written if INTEGRAL_FLOAT.match(label)]
+    if not floats:
+        return labels
+    shown = ", ".join(map(repr, floats[:5]))
+    fractional = [
+        label
+        for label in written
+        if NUMBER.match(label)
+        and not INTEGRAL_FLOAT.match(label)
+        and not label.lstrip("+-").isdigit()
+    ]
+    if fractional:
+        log.warning(
+            "%s: labels %s look like integers written as floats, but others (%s) are "
+            "fractional numbers: every label is kept as written",
+            source,
+            shown,
+            ", ".join(map(repr, fractional[:5])),
+        )
+        return labels
+    renamed = {label: str(int(label.partition(".")[0])) for label in floats}
+    names = [renamed.get(label, label) for label in written]
+    if len(set(names)) < len(names):
+        merged = sorted(label for label in written if names.count(renamed.get(label, label)) > 1)
+        log.warning(
+            "%s: labels %s are integers written as floats, but naming them as integers would "
+            "merge classes %s: every label is kept as written",
+            source,
+            shown,
+            ", ".join(map(repr, merged[:6])),
+        )
+        return labels
+    log.warning(
+        "%s: labels %s are integers written as floats (a numeric label column with a gap is "
+        "read as floats): named %s",
+        source,
+        shown,
+        ", ".join(renamed[label] for label in floats[:5]),
+    )
+    return labels.map(lambda label: renamed.get(label, label))
 
 
 def check_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -56,6 +108,7 @@ def check_labels(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(
             f"{source}: {int((labels == '').sum())} example(s) have a blank label (rows {rows})"
         )
+    labels = integral_names(labels, source)
     spellings: dict[str, list[str]] = {}
     for label in labels.unique():
         spellings.setdefault(label.casefold(), []).append(label)
@@ -117,6 +170,59 @@ def deduplicate(
     return frame, report
 
 
+def split_sizes(count: int, val_size: float, test_size: float) -> dict[str, int]:
+    """How many of ``count`` examples each split gets, rounded as scikit-learn's
+    ``train_test_split`` rounds (the held-out part up)."""
+    test = math.ceil(test_size * count)
+    val = math.ceil(val_size / (1 - test_size) * (count - test))
+    return {"train": count - test - val, "val": val, "test": test}
+
+
+def _shortest_between(low: float, high: float) -> float:
+    """The number with the fewest decimals (two at least) in ``(low, high]``."""
+    for decimals in range(2, 8):
+        scale = 10**decimals
+        value = (math.floor(low * scale + 1e-9) + 1) / scale
+        if value <= high + 1e-12:
+            return value
+    return high
+
+
+def split_problem(count: int, classes: int, val_size: float, test_size: float) -> str:
+    """Why ``count`` examples of ``classes`` classes cannot be split, stratified, with these
+    fractions (every class needs an example in every split), and the fractions that would
+    work, or that none would."""
+    sizes = split_sizes(count, val_size, test_size)
+    said = (
+        f"{count} examples of {classes} classes split into {sizes['train']} train, "
+        f"{sizes['val']} validation and {sizes['test']} test examples (data.val_size = "
+        f"{val_size}, data.test_size = {test_size}), but a stratified split needs at least one "
+        f"example of each class in each split: {classes} per split"
+    )
+    # The smallest fractions that hold `classes` examples, where the configured ones hold fewer.
+    test, val = test_size, val_size
+    if sizes["test"] < classes:
+        test = _shortest_between((classes - 1) / count, classes / count)
+    rest = count - math.ceil(test * count)
+    if split_sizes(count, val, test)["val"] < classes and rest > 0:
+        share = (1 - test) / rest
+        val = _shortest_between((classes - 1) * share, classes * share)
+    proposed = split_sizes(count, val, test) if val + test < 1 else {"train": 0}
+    if (val, test) != (val_size, test_size) and min(proposed.values()) >= classes:
+        changes = [
+            f"data.{key} = {value}"
+            for key, value, old in (("val_size", val, val_size), ("test_size", test, test_size))
+            if value != old
+        ]
+        return f"{said}. Set {' and '.join(changes)}"
+    if sizes["train"] < classes and min(sizes["val"], sizes["test"]) >= classes:
+        return f"{said}. Lower data.val_size or data.test_size"
+    return (
+        f"{said}; no fractions give every class an example in every split at this size. Add "
+        "examples (or remove classes with few)"
+    )
+
+
 def split_examples(
     frame: pd.DataFrame, val_size: float, test_size: float, seed: int
 ) -> dict[str, pd.DataFrame]:
@@ -149,10 +255,7 @@ def split_examples(
             rest, test_size=val_size / (1 - test_size), stratify=rest["label"], random_state=seed
         )
     except ValueError as err:
-        raise DataError(
-            f"cannot split {len(frame)} examples of {len(counts)} classes with "
-            f"val_size={val_size}, test_size={test_size}: {err}. Use larger fractions or more data."
-        ) from err
+        raise DataError(split_problem(len(frame), len(counts), val_size, test_size)) from err
     return {
         name: part.sort_values("example_id")
         for name, part in zip(SPLITS, (train, val, test), strict=True)
@@ -194,11 +297,13 @@ def class_counts(frame: pd.DataFrame, labels: Sequence[str]) -> dict[str, int]:
 
 def prepare(
     settings: DataSettings, model: ModelSettings
-) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+) -> tuple[dict[str, pd.DataFrame], DataInfo]:
     """Load, check and split the data, then encode it for the model (token ids; cached pixels)
     as its modality says. Returns the splits and ``data.json``."""
     modality = modalities.choose(settings, model)
-    frame = check_labels(modality.load_examples(settings), settings.source)
+    loaded = modality.load_examples(settings)
+    unreadable = loaded.attrs.get("unreadable_images")
+    frame = check_labels(loaded, settings.source)
     frame, duplicates = deduplicate(
         frame, modality.input_key(frame), settings.duplicates, settings.source
     )
@@ -207,21 +312,21 @@ def prepare(
     frame = frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))
     splits = split_examples(frame, settings.val_size, settings.test_size, settings.seed)
     splits, encoding = modality.encode(splits, settings, model)
-    info = {
-        "source": settings.source,
-        "modality": modality.name,
-        "fingerprint": modality.fingerprint(frame),
-        "source_fingerprint": content_fingerprint(
+    info = DataInfo(
+        source=settings.source,
+        modality=modality.name,
+        fingerprint=modality.fingerprint(frame),
+        source_fingerprint=content_fingerprint(
             modality.source_files(settings), modality.source_version(settings)
         ),
-        "source_version": modality.source_version(settings),
-        "num_examples": len(frame),
-        "duplicates": duplicates,
-        "labels": labels,
-        "num_labels": len(labels),
-        "class_counts": {name: class_counts(part, labels) for name, part in splits.items()},
-        **encoding,
-    }
+        source_version=modality.source_version(settings),
+        num_examples=len(frame),
+        duplicates=duplicates,
+        unreadable_images=unreadable or {},
+        labels=tuple(labels),
+        class_counts={name: class_counts(part, labels) for name, part in splits.items()},
+        encoding=encoding,
+    )
     return splits, info
 
 
@@ -234,65 +339,15 @@ def read_split(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def read_data_info(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def loader(
-    examples: Examples,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    by_length: bool = False,
-    workers: int = 0,
-    pin_memory: bool = False,
-    shard: Callable[[list[int]], list[int]] | None = None,
-) -> DataLoader:
-    """A ``DataLoader`` of batches of ``examples``: in row order, shuffled by ``generator``, or
-    (``by_length``, for inference) longest first, so that each batch pads little. Every batch
-    carries ``index``, the rows it holds. ``workers`` processes decode and augment examples;
-    the batches and their order are the same with any number. ``shard`` keeps, of each batch's
-    rows, those this process trains on (:func:`adaptune.distributed.shard`)."""
-    count = len(examples)
-    if shuffle:
-        order = torch.randperm(count, generator=generator).tolist()
-    elif by_length and examples.lengths is not None:
-        order = np.argsort(-examples.lengths, kind="stable").tolist()
-    else:
-        order = list(range(count))
-    batches = [order[start : start + batch_size] for start in range(0, count, batch_size)]
-    return DataLoader(
-        examples,
-        batch_sampler=[shard(b) for b in batches] if shard else batches,
-        collate_fn=examples.collate,
-        num_workers=workers,
-        pin_memory=pin_memory,
-    )
-
-
-def batches(
-    frame: pd.DataFrame,
-    batch_size: int,
-    info: Mapping[str, Any],
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    modality: Modality | None = None,
-) -> Iterator[Batch]:
-    """Batches of a prepared split as the modality ``data.json`` (``info``) names makes them,
-    in row order or shuffled by ``generator``, without augmentation."""
-    examples = (modality or modalities.get(info)).examples(frame, info)
-    yield from loader(examples, batch_size, shuffle, generator)
-
-
 def run_prepare_data(
     settings: DataSettings, model: ModelSettings, split_paths: dict[str, str], info_path: str
-) -> dict[str, Any]:
+) -> DataInfo:
     """The ``prepare_data`` stage: :func:`prepare`, then write the splits and ``data.json``."""
     splits, info = prepare(settings, model)
     for name, part in splits.items():
         save_split(part, split_paths[name])
-        log.info("%s: %d examples %s", name, len(part), info["class_counts"][name])
-    Path(info_path).write_text(json.dumps(info, indent=2) + "\n")
+        log.info("%s: %d examples %s", name, len(part), info.class_counts[name])
+    info.write(info_path)
     return info
 
 

@@ -14,18 +14,30 @@ averages the N gradients. :class:`Replicas` wraps the model in DDP over the tens
 (frozen ones are left out of DDP, so they are neither broadcast nor all-reduced) and wraps it
 again when the set changes (gradual unfreezing); validation runs on rank 0, and only rank 0
 writes files and logs to MLflow.
+
+With ``train.sharding: fsdp``, :class:`Replicas` shards the model instead (PyTorch's FSDP2,
+``fully_shard``): each block found in the module tree (:func:`adaptune.layers.find_blocks`) is
+one unit, gathered for its forward and backward passes, and the rest is the root's. Parameters
+keep their names and their ``requires_grad`` (frozen tensors are sharded and take no
+gradient; a tensor that thaws later takes one from then on); gradients are reduce-scattered
+with the same average as DDP's, so the loss weighing is the same. Every rank runs validation
+(its forward passes gather every unit), and at the end rank 0 gathers the whole model into
+an unsharded copy of the original (:meth:`Replicas.gather`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,8 +48,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from adaptune.errors import ConfigError
-from adaptune.runtime import select_device
+from adaptune.devices import rank_device
+from adaptune.layers import find_blocks
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +74,6 @@ def current() -> World:
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def device_for(spec: str, world: World) -> torch.device:
-    """The device of this rank: ``select_device(spec)``, and on CUDA the rank's own GPU
-    (``cuda:LOCAL_RANK``; with CUDA_VISIBLE_DEVICES set, among the visible ones)."""
-    device = select_device(spec)
-    if world.size == 1 or device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ConfigError(
-            f"train.devices = {world.size}: data-parallel training runs on CUDA GPUs or CPU "
-            f"processes, not on {device.type}; set train.device: cpu or train.devices: 1"
-        )
-    if device.index is not None:
-        raise ConfigError(
-            f"train.device: {spec!r} names one GPU, but train.devices = {world.size} trains on "
-            "several; use 'auto' or 'cuda'"
-        )
-    return torch.device("cuda", world.local_rank)
 
 
 def backend_for(device: torch.device) -> str:
@@ -120,17 +113,60 @@ class Replicas:
     gradient): so when the set of trainable tensors changes (gradual unfreezing, the end of
     LP-FT's probe), :meth:`sync` wraps the model again. That costs one broadcast of the trainable
     tensors per change, a few times a run, and keeps ``find_unused_parameters`` off, which would
-    cost a traversal of the autograd graph at every step."""
+    cost a traversal of the autograd graph at every step.
 
-    def __init__(self, model: nn.Module, world: World, device: torch.device) -> None:
+    With ``sharding="fsdp"`` (several processes), the model is sharded in place when this is
+    made, before the optimizer is built over its (sharded) parameters; ``head`` names the new
+    head's parameters, which are no block."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        world: World,
+        device: torch.device,
+        sharding: str = "ddp",
+        head: tuple[str, ...] = (),
+    ) -> None:
         self.model, self.world, self.device = model, world, device
         self.wrapped: DistributedDataParallel | None = None
         self.trainable: tuple[str, ...] = ()
         self.wraps = 0
+        self.sharded = sharding == "fsdp" and world.size > 1
+        self.skeleton: nn.Module | None = None
+        if self.sharded:
+            self.skeleton = self.shard(head)
+
+    def shard(self, head: tuple[str, ...]) -> nn.Module | None:
+        """Shard the model over the ranks (FSDP2), each block a unit; returns, on rank 0, an
+        unsharded copy of it without weights (on the meta device) to gather them into."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = self.model
+        skeleton = None
+        if self.world.is_main:
+            # Copy the module tree, not the weights: each parameter's copy is an empty one.
+            memo = {
+                id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                for p in model.parameters()
+            }
+            skeleton = copy.deepcopy(model, memo)
+        mesh = init_device_mesh(self.device.type, (self.world.size,))
+        blocks = find_blocks(model, head)
+        for path in blocks:
+            fully_shard(model.get_submodule(path), mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        log.info(
+            "FSDP over %d processes: %d blocks and the rest (%d tensors) sharded",
+            self.world.size,
+            len(blocks),
+            sum(1 for _ in model.parameters()),
+        )
+        return skeleton
 
     def sync(self) -> nn.Module:
         """The module to run training steps with, wrapped again if the trainable set changed."""
-        if self.world.size == 1:
+        if self.world.size == 1 or self.sharded:
             return self.model
         trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
         if self.wrapped is None or trainable != self.trainable:
@@ -152,6 +188,39 @@ class Replicas:
             )
         return self.wrapped
 
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside do not all-reduce or reduce-scatter (gradient accumulation's
+        micro-batches before the last); in one process, nothing to skip."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        elif self.wrapped is not None:
+            with self.wrapped.no_sync():
+                yield
+        else:
+            yield
+
+    def gather(self) -> nn.Module | None:
+        """Under FSDP, the whole trained model (every rank takes part): on rank 0 an unsharded
+        copy of it, on the CPU (None elsewhere). Otherwise the model itself."""
+        if not self.sharded:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.skeleton is None:
+            return None
+        self.skeleton.load_state_dict(state, assign=True)
+        return self.skeleton
+
     def close(self) -> None:
         self.wrapped = None
 
@@ -172,6 +241,25 @@ def from_main(value: Any, world: World) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (the flag itself in one process): what all ranks
+    act on together, such as a SIGTERM that reached some of them first."""
+    if world.size == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor)
+    return bool(tensor.item())
+
+
+def gather_on_main(value: Any, world: World) -> list[Any] | None:
+    """Every rank's ``value``, in rank order, on rank 0 (None on the others)."""
+    if world.size == 1:
+        return [value]
+    values: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(value, values, dst=0)
+    return values
 
 
 # --- launching ----------------------------------------------------------------------------
@@ -228,12 +316,29 @@ def launch(processes: int, target: str, job: Mapping[str, Any]) -> None:
         # The job's threads (torch.set_num_threads, from the rule's threads:) shared out.
         threads = str(max(1, torch.get_num_threads() // processes))
         env = {**os.environ, "OMP_NUM_THREADS": threads}
-        result = subprocess.run(command, env=env, check=False)
-    if result.returncode != 0:
+        with subprocess.Popen(command, env=env) as process, forwarding_sigterm(process):
+            returncode = process.wait()
+    if returncode != 0:
         raise RuntimeError(
-            f"torchrun with {processes} processes failed (exit {result.returncode}); the "
+            f"torchrun with {processes} processes failed (exit {returncode}); the "
             "traceback of the rank that failed is above in this log"
         )
+
+
+@contextlib.contextmanager
+def forwarding_sigterm(process: subprocess.Popen) -> Iterator[None]:
+    """SIGTERM to this process (Snakemake or SLURM stopping the job) goes on to ``process``
+    (torchrun, which passes it to its workers: each saves a checkpoint and stops), and this
+    process waits for it instead of dying at once and leaving it behind."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
     )
     world = World(rank, int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    device = device_for(job.get("device", "auto"), world)
+    device = rank_device(job.get("device", "auto"), world.size, world.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

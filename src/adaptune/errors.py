@@ -20,3 +20,8 @@ class ModelError(AdaptuneError, ValueError):
 
 class PlanError(AdaptuneError, ValueError):
     """A freeze plan does not match the model it is applied to."""
+
+
+class TrackingError(AdaptuneError):
+    """The MLflow store cannot hold what the files say it should (unreachable, deleted, or
+    another store than the one the runs were logged to)."""

@@ -1,13 +1,14 @@
 """Predictions and test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the
-confusion matrix, in distribution and on shifted copies of the test split; the
-``shift_test_split`` and ``evaluate`` stages."""
+confusion matrix, in distribution and on shifted copies of the test split; how far fine-tuning
+moved the model from its pretrained weights (relative weight change and 1 - linear CKA of the
+body's features); the ``shift_test_split`` and ``evaluate`` stages."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,75 @@ import pandas as pd
 import torch
 
 from adaptune import modalities, tracking
-from adaptune.data import loader, read_data_info, read_split
+from adaptune.data import read_split
+from adaptune.data_info import DataInfo
+from adaptune.devices import autocast, select_device
+from adaptune.errors import ModelError
 from adaptune.figures import plot_confusion
-from adaptune.modalities import Examples, TaskModel
+from adaptune.modalities import Examples, TaskModel, loader
 from adaptune.modalities.shifts import parse_shift_name
 from adaptune.prefix import PrefixCache
-from adaptune.runtime import autocast, select_device
 from adaptune.settings import DataSettings, ModelSettings
+from adaptune.timing import StageClock
 
 log = logging.getLogger(__name__)
+
+
+def head_module(task: TaskModel) -> str:
+    """The path of the module that holds the task's new head: the deepest module holding every
+    head parameter (``classifier``; timm's ``head.fc``)."""
+    owners = [name.split(".")[:-1] for name in task.head]
+    common: list[str] = []
+    for parts in zip(*owners, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    if not owners or not common:
+        raise ModelError(
+            f"the head's parameters ({', '.join(task.head) or 'none'}) share no module: "
+            "cannot find the body's features the head reads"
+        )
+    return ".".join(common)
+
+
+class HeadInputs:
+    """The body's features for every example of a split: the input of the head's module
+    (:func:`head_module`), captured by a forward pre-hook while :func:`predict` runs, in the
+    split's row order (float64). A head that reads every position pools them first: the mean
+    over tokens of a (batch, tokens, features) input (over the text's own tokens where the batch
+    has an ``attention_mask``: a decoder's head reads the padding positions too, and with them
+    a text's features would depend on the longest text of its batch), over the spatial
+    positions of a (batch, channels, height, width) one."""
+
+    def __init__(self, task: TaskModel, count: int) -> None:
+        self.module = task.model.get_submodule(head_module(task))
+        self.count = count
+        self.features: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def keep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        value = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+        value = value.detach().double()
+        if value.ndim == 3 and self.mask is not None and self.mask.shape == value.shape[:2]:
+            weights = self.mask.to(value)[..., None]
+            value = (value * weights).sum(1) / weights.sum(1)
+        elif value.ndim == 3:
+            value = value.mean(1)
+        elif value.ndim == 4:
+            value = value.mean((2, 3))
+        value = value.flatten(1).cpu()
+        if self.features is None:
+            self.features = torch.zeros((self.count, value.shape[1]), dtype=torch.float64)
+        self.features[self.index] = value
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[HeadInputs]:
+        handle = self.module.register_forward_pre_hook(self.keep, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -32,26 +93,31 @@ def predict(
     task: TaskModel,
     frame: pd.DataFrame | Examples,
     batch_size: int,
-    info: Mapping[str, Any],
     device: torch.device,
     precision: str = "auto",
     cache: PrefixCache | None = None,
     split: str = "",
+    head_inputs: HeadInputs | None = None,
 ) -> np.ndarray:
     """Logits (float32, examples x classes) for a prepared split, in its row order. Batches
     are made longest first (little padding); with ``cache``, the frozen prefix is not run and
-    the cached inputs of ``split`` are used."""
+    the cached inputs of ``split`` are used; ``head_inputs`` keeps the body's features of
+    the same pass."""
     model = task.model
     was_training = model.training
     model.eval()
-    examples = frame if isinstance(frame, Examples) else task.modality.examples(frame, info)
+    examples = frame if isinstance(frame, Examples) else task.modality.examples(frame)
     logits = torch.empty(0)
     replay = cache.replaying() if cache is not None else contextlib.nullcontext()
-    with replay:
+    recording = head_inputs.recording() if head_inputs is not None else contextlib.nullcontext()
+    with replay, recording:
         for batch in loader(examples, batch_size, by_length=True, pin_memory=device.type == "cuda"):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if cache is not None:
                 cache.current = cache.features(split, batch, device)
+            if head_inputs is not None:
+                head_inputs.index = batch["index"].cpu()
+                head_inputs.mask = batch.get("attention_mask")
             with autocast(device, precision):
                 out = task.logits(batch).float().cpu()
             if not len(logits):
@@ -59,6 +125,42 @@ def predict(
             logits[batch["index"].cpu()] = out
     model.train(was_training)
     return logits.numpy()
+
+
+def linear_cka(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., ICML 2019) between two
+    representations of the same examples (rows): ``||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F)`` of
+    the column-centred matrices, in float64. 1 when one is the other up to a rotation and a
+    scale, near 0 for unrelated ones; the feature counts may differ."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    scale = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(cross / scale) if scale > 0 else float("nan")
+
+
+def weight_change(
+    pretrained: torch.nn.Module, finetuned: torch.nn.Module, head: Sequence[str]
+) -> float:
+    """How far the body's weights moved: ``||w - w0|| / ||w0||`` over every parameter but the
+    head's (buffers, such as BatchNorm's running statistics, are not weights)."""
+    before = dict(pretrained.named_parameters())
+    after = dict(finetuned.named_parameters())
+    names = [n for n in before if n not in set(head)]
+    unmatched = [n for n in names if n not in after or after[n].shape != before[n].shape]
+    if unmatched:
+        raise ModelError(
+            f"the fine-tuned model's parameters do not match the pretrained model's "
+            f"({unmatched[:3]}): was it fine-tuned from model.name?"
+        )
+    moved = sum(
+        float((after[n].detach().double().cpu() - before[n].detach().double().cpu()).pow(2).sum())
+        for n in names
+    )
+    base = sum(float(before[n].detach().double().pow(2).sum()) for n in names)
+    return (moved / base) ** 0.5 if base > 0 else float("nan")
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
@@ -163,10 +265,13 @@ def save_evaluation(
     plot_confusion(matrix, outputs["confusion_png"], title)
 
 
-def log_evaluation(run: tracking.Run, metrics: dict, outputs: dict[str, str]) -> None:
-    """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to the active
-    MLflow run."""
+def log_evaluation(
+    run: tracking.TrackedRun, metrics: Mapping[str, Any], outputs: Mapping[str, str], stage: str
+) -> None:
+    """Log test metrics, per-class F1 and the files of :func:`save_evaluation` to ``run``, then
+    mark its logging by ``stage`` complete."""
     run.log_metrics({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "test_loss")})
+    run.log_metrics({k: metrics[k] for k in ("weight_change", "cka_drift") if k in metrics})
     if metrics.get("shifts"):
         run.log_metrics({k: metrics[k] for k in ("shift_macro_f1", "shift_accuracy", "shift_drop")})
         run.log_metrics(
@@ -184,6 +289,7 @@ def log_evaluation(run: tracking.Run, metrics: dict, outputs: dict[str, str]) ->
     )
     for key in ("metrics", "per_class", "confusion", "confusion_png"):
         run.log_artifact(outputs[key], "evaluation")
+    run.logged(stage)
 
 
 def run_shift_split(
@@ -197,11 +303,10 @@ def run_shift_split(
 ) -> pd.DataFrame:
     """The ``shift_test_split`` stage: the test split under shift ``name`` (``typos-s3``),
     prepared as the test split was (:meth:`Modality.shift`)."""
-    info = read_data_info(data_info_path)
+    modality = modalities.for_data(DataInfo.read(data_info_path))
     test = read_split(test_path)
     kind, severity = parse_shift_name(name)
-    modality = modalities.get(info)
-    shifted = modality.shift(test, kind, severity, seed, info, data, model)
+    shifted = modality.shift(test, kind, severity, seed, data, model)
     shifted.to_parquet(output, index=False)
     log.info(
         "%s (%s, severity %d, seed %d): %d test examples -> %s",
@@ -250,6 +355,32 @@ def shift_metrics(
     }
 
 
+def drift(
+    pretrained: TaskModel,
+    finetuned: TaskModel,
+    test: pd.DataFrame,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    finetuned_features: HeadInputs | None = None,
+) -> dict[str, float]:
+    """How far fine-tuning moved the model from its pretrained weights: ``weight_change``, the
+    body's relative weight change (:func:`weight_change`), and ``cka_drift``, 1 - linear CKA
+    (:func:`linear_cka`) between the two bodies' features on the test split (the inputs of
+    the head, :class:`HeadInputs`): 0 for features unchanged up to rotation and scale. One
+    pass of each model over the split (the fine-tuned one's features may come from the pass
+    that scored it)."""
+    if finetuned_features is None:
+        finetuned_features = HeadInputs(finetuned, len(test))
+        predict(finetuned, test, batch_size, device, precision, head_inputs=finetuned_features)
+    before = HeadInputs(pretrained, len(test))
+    predict(pretrained, test, batch_size, device, precision, head_inputs=before)
+    change = weight_change(pretrained.model, finetuned.model, pretrained.head)
+    cka = linear_cka(before.features, finetuned_features.features)
+    log.info("drift from the pretrained model: weight change %.4f, 1 - CKA %.4f", change, 1 - cka)
+    return {"weight_change": change, "cka_drift": 1.0 - cka}
+
+
 def run_evaluate(
     model_dir: str,
     test_path: str,
@@ -262,35 +393,52 @@ def run_evaluate(
     precision: str,
     outputs: dict[str, str],
     shifted: Mapping[str, str] | None = None,
+    model: ModelSettings | None = None,
 ) -> dict:
-    """The ``evaluate`` stage: test metrics of the fine-tuned model, and under each shift of
-    ``shifted`` (name -> the shifted test split), logged into the same MLflow run as its
-    training."""
-    info = read_data_info(data_info_path)
+    """The ``evaluate`` stage: test metrics of the fine-tuned model, under each shift of
+    ``shifted`` (name -> the shifted test split) and, given the pretrained ``model``, how far
+    fine-tuning moved it (:func:`drift`), logged into the same MLflow run as its training."""
+    clock = StageClock()
+    info = DataInfo.read(data_info_path)
     summary = json.loads(Path(summary_path).read_text())
     test = read_split(test_path)
     torch_device = select_device(device)
-    task = modalities.get(info).load_finetuned(model_dir)
+    task = modalities.for_data(info).load_finetuned(model_dir)
     task.model.to(torch_device)
-    logits = predict(task, test, batch_size, info, torch_device, precision)
+    features = HeadInputs(task, len(test)) if model is not None else None
+    clock.lap("load")
+    logits = predict(task, test, batch_size, torch_device, precision, head_inputs=features)
     metrics, per_class, matrix = evaluate_predictions(
-        test["label_id"].to_numpy(), logits, info["labels"]
+        test["label_id"].to_numpy(), logits, info.labels
     )
+    clock.lap("inference")
+    if model is not None:
+        pretrained = modalities.for_data(info).load_pretrained(model, int(summary["seed"]))
+        pretrained.model.to(torch_device)
+        clock.lap("load")
+        metrics.update(drift(pretrained, task, test, batch_size, torch_device, precision, features))
+        clock.lap("drift")
     metrics.update(
         shift_metrics(
-            lambda split: predict(task, split, batch_size, info, torch_device, precision),
+            lambda split: predict(task, split, batch_size, torch_device, precision),
             shifted or {},
-            len(info["labels"]),
+            info.num_labels,
             metrics["test_macro_f1"],
         )
     )
-    metrics = {**summary, **metrics}
+    # (train_summary.json of a run trained before MLflow ids lived in mlflow_run_id alone
+    # holds them too: they are not copied, as a store rebuilt from the files changes them.)
+    clock.lap("inference")  # the shifted test splits
+    metrics = {**{k: v for k, v in summary.items() if not k.startswith("mlflow_")}, **metrics}
     title = (
         f"{summary['strategy']}, {summary['shots']} shots, seed {summary['seed']}: "
         f"macro-F1 {metrics['test_macro_f1']:.3f}"
     )
+    # Where the job's seconds went before saving and logging (benchmarks/job_time.py): the file
+    # is what MLflow logs, so it is written once.
+    metrics["evaluate_seconds"] = clock.report("evaluate")
     save_evaluation(metrics, per_class, matrix, title, outputs)
     experiment = tracking.read_experiment(experiment_path)
     run_id = Path(run_id_path).read_text().strip()
-    log_evaluation(tracking.existing_run(experiment, run_id), metrics, outputs)
+    log_evaluation(tracking.existing_run(experiment, run_id), metrics, outputs, "evaluate")
     return metrics

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adaptune import config, modalities, strategies, sweeps, tracking
+from adaptune.devices import check_device
 from adaptune.errors import ConfigError
 from adaptune.modalities import Modality
 from adaptune.modalities.files import content_fingerprint
@@ -60,7 +59,9 @@ def validate_config(
     for name, spec in experiment["strategies"].items():
         train = TrainSettings.from_config(experiment["train"], spec.get("train"), name)
         strategies.check(name, spec, train)
+    check_reference(experiment["report"]["reference"], experiment["strategies"])
     modality = modalities.choose(data, model, experiment["baselines"])
+    modality.check(data, model)
     check_shifts(modality, experiment["evaluate"]["shifts"])
     if main_process:
         if devices:
@@ -79,6 +80,17 @@ def validate_config(
     )
 
 
+def check_reference(reference: str, strategies: Mapping[str, Any]) -> None:
+    """``report.reference``, where set, must be one of the strategies (a swept one by its
+    name without the swept value)."""
+    names = sorted({sweeps.family(name) for name in strategies})
+    if reference and reference not in names:
+        raise ConfigError(
+            f"report.reference = {reference!r} is not a strategy of this experiment; use one "
+            f"of: {', '.join(names)}"
+        )
+
+
 def check_shifts(modality: Modality, shifts: Mapping[str, Any]) -> None:
     """Every shift of ``evaluate.shifts`` must be one of the modality's."""
     for kind in shifts:
@@ -87,17 +99,3 @@ def check_shifts(modality: Modality, shifts: Mapping[str, Any]) -> None:
                 f"evaluate.shifts.{kind}: not a shift of {modality.name} data; "
                 f"use one of: {', '.join(modality.shifts)}"
             )
-
-
-def check_device(device: str) -> None:
-    """``train.device`` must exist on this machine (checked where the jobs run locally)."""
-    if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise ConfigError(
-                f"train.device = {device!r}, but this machine has {found} CUDA device(s); use "
-                "auto (a GPU when there is one, else the CPU) or cpu"
-            )
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device = 'mps', but MPS is not available here; use auto or cpu")

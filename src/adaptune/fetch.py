@@ -17,6 +17,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from adaptune import modalities
+from adaptune.data_info import DataInfo
 from adaptune.settings import DataSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ def run_fetch(data: DataSettings, model: ModelSettings, out: str | Path) -> dict
     examples = modality.load_examples(data)
     labels = sorted(str(label) for label in examples["label"].unique())
     # encode fetches what preparing the data needs of the model (a tokenizer, a transform)
-    modality.encode({"train": examples.head(8)}, data, model)
-    task = modality.load_pretrained(model, labels, 0, {"labels": labels})
+    _, encoding = modality.encode({"train": examples.head(8)}, data, model)
+    info = DataInfo.for_labels(modality.name, labels, **encoding)
+    task = modality.bind(info).load_pretrained(model, 0)
     fetched = {
         "source": data.source,
         "revision": data.revision,

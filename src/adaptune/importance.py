@@ -20,10 +20,30 @@ the head is first fitted alone on the few-shot training split
 (:func:`adaptune.scoring.probe_head`, LP-FT's
 linear probe), so that the body is scored through a head that has learnt the task.
 
+**Memory** grows with the model as a step of full fine-tuning does, at most 2x its peak. With P
+the bytes of the model's parameters (one "model-sized buffer"), an AdamW step in fp32 holds the
+weights, their gradients and two moments (4P) and one batch's activations. Beyond the weights,
+scoring holds at most ``MODEL_BUFFERS`` = 4 model-sized buffers (sums in float32: twice that
+for a 16-bit model) and the activations of one chunk of examples (at most a batch):
+
+- ``grad_norm``: one sum (P) and one batch's activations;
+- ``fisher`` (and ``grad_norm`` from the same pass): two sums (2P) and, by the loop, one
+  example's activations, or, by ``vmap``, the gradients of ``VMAP_EXAMPLES`` = 2 examples at
+  most (2P) and their activations;
+- ``hessian_trace``: the gradient of ``chunk_size`` examples and its double-backward graph (P
+  and a few times those examples' activations) and one probe's Rademacher vector (P).
+
+Gradients that backward produces one tensor at a time (the loop, ``grad_norm``, the
+Hessian-vector products) are consumed as they come and freed (:func:`each_gradient`): only one
+tensor's is held, never the model's. The per-example moments are reduced to their per-tensor
+scores as soon as they are computed, so they are not held while another metric runs; no sum is
+kept in float64 (float32 sums of 32 examples err by about 1e-7, relative).
+
 The score table has one row per tensor: ``name, shape, numel, layer, layer_index, layer_kind,
-module, is_head``, then for each metric ``<metric>`` (raw), ``<metric>_per_element`` (so large
-tensors do not win by size alone) and ``<metric>_rank`` (percentile of the per-element score in
-the model, 1 = most important); Monte Carlo metrics add ``<metric>_se`` (standard error) and
+module, category, is_head`` (``category``: :func:`adaptune.layers.tensor_categories`), then for
+each metric ``<metric>`` (raw), ``<metric>_per_element`` (so large tensors do not win by size
+alone) and ``<metric>_rank`` (percentile of the per-element score in the model, 1 = most
+important); Monte Carlo metrics add ``<metric>_se`` (standard error) and
 ``<metric>_probes`` (the per-probe estimates).
 """
 
@@ -35,7 +55,6 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,20 +62,27 @@ import torch
 from torch import func, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adaptune.data import batches as split_batches
-from adaptune.layers import Layer, assign_layers, relative_depth
-from adaptune.modalities import Batch, TaskModel
+from adaptune.layers import Layer, assign_layers, relative_depth, tensor_categories
+from adaptune.modalities import Batch, Modality, TaskModel
 
 log = logging.getLogger(__name__)
 
 Scores = dict[str, float]
+
+# Model-sized buffers that scoring may hold beyond the weights (see the module docstring): what
+# a step of AdamW holds beyond them (gradients, two moments), and one more.
+MODEL_BUFFERS = 4
+# Examples whose gradients vmap computes at once: each holds a gradient of every tensor (P), next
+# to the two sums of the moments (2P), within MODEL_BUFFERS whatever the model's size.
+VMAP_EXAMPLES = MODEL_BUFFERS - 2
 
 
 @dataclass
 class Calibration:
     """What the metrics measure the model on: calibration batches from the few-shot training
     split, the model's layers, and the estimators' settings. Per-example gradient moments are
-    computed once and shared by ``fisher`` and ``grad_norm`` when both are asked for."""
+    computed once and shared by ``fisher`` and ``grad_norm`` when both are asked for: reduced at
+    once to both metrics' scores, so that no model-sized buffer outlives its metric."""
 
     task: TaskModel
     batches: Sequence[Batch]
@@ -67,7 +93,7 @@ class Calibration:
     per_example: str = "auto"
     seed: int = 0
     share_gradients: bool = False
-    _moments: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    _gradient_scores: tuple[Scores, Scores] | None = None
 
     def first_examples(self, count: int) -> list[Batch]:
         """The first ``count`` calibration examples, as batches."""
@@ -79,12 +105,17 @@ class Calibration:
             taken.append(self.task.modality.sub_batch(batch, 0, left))
         return taken
 
-    def moments(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        if self._moments is None:
-            self._moments = gradient_moments(
+    def gradient_scores(self) -> tuple[Scores, Scores]:
+        """``grad_norm`` and ``fisher`` of every tensor from one per-example pass: the norm of
+        the mean gradient and the sum of the mean squared gradient."""
+        if self._gradient_scores is None:
+            mean, squares = gradient_moments(
                 self.task, self.batches, self.chunk_size, self.per_example
             )
-        return self._moments
+            norms = {n: float(torch.linalg.vector_norm(mean.pop(n).double())) for n in list(mean)}
+            fisher = {n: float(squares.pop(n).double().sum()) for n in list(squares)}
+            self._gradient_scores = norms, fisher
+        return self._gradient_scores
 
 
 # A metric returns one score per tensor, or, for a Monte Carlo estimator, one estimate per
@@ -127,19 +158,74 @@ def weight_l2(model: nn.Module) -> Scores:
     return {n: float(torch.linalg.vector_norm(p.detach())) for n, p in model.named_parameters()}
 
 
+def mean_gradient(
+    task: TaskModel, batches: Sequence[Batch], at_least: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """The gradient of the mean task loss over all calibration examples, elementwise, for every
+    parameter of ``task.model``, summed in the parameter's dtype or ``at_least`` where wider
+    (float64 by default; :func:`grad_norm` sums in float32). Cost: one forward and backward pass
+    per batch. Memory: the sums (one model-sized buffer in float32), to which each tensor's
+    gradient is added as backward produces it (:func:`each_gradient`), and one batch's
+    activations."""
+    params = dict(task.model.named_parameters())
+    sums = _sums(params, at_least)
+    for batch, weight in zip(batches, _weights(batches), strict=True):
+
+        def add(name: str, grad: torch.Tensor, weight: float = weight) -> None:
+            sums[name].add_(grad, alpha=weight)
+
+        with each_gradient(params, add):
+            torch.autograd.backward(_loss(task, batch), inputs=list(params.values()))
+    return sums
+
+
 def grad_norm(task: TaskModel, batches: Sequence[Batch]) -> Scores:
     """L2 norm of the gradient of the mean task loss over all calibration examples.
 
-    Cost: one forward and backward pass per batch.
+    Cost: one forward and backward pass per batch. Memory: one model-sized sum in float32
+    (:func:`mean_gradient`) and one batch's activations.
     """
-    params = dict(task.model.named_parameters())
-    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    for batch, weight in zip(batches, _weights(batches), strict=True):
-        grads = torch.autograd.grad(_loss(task, batch), list(params.values()), allow_unused=True)
-        for name, grad in zip(params, grads, strict=True):
-            if grad is not None:
-                sums[name] += grad.detach().double() * weight
-    return {n: float(torch.linalg.vector_norm(s)) for n, s in sums.items()}
+    sums = mean_gradient(task, batches, torch.float32)
+    return {n: float(torch.linalg.vector_norm(sums.pop(n).double())) for n in list(sums)}
+
+
+def _sums(
+    params: Mapping[str, torch.Tensor], at_least: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A zero sum like each parameter, in its dtype or ``at_least`` where wider: in float32,
+    one model-sized buffer (float32 models; twice their size for 16-bit ones, whose own
+    precision would not do for sums)."""
+    return {
+        n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, at_least))
+        for n, p in params.items()
+    }
+
+
+@contextlib.contextmanager
+def each_gradient(
+    params: Mapping[str, torch.Tensor], consume: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """While active, backward hands each parameter's gradient to ``consume(name, gradient)`` as
+    soon as it is complete, then frees it: a model's gradients are never held all at once, only
+    the tensors' that backward is computing. Gradients the parameters held before are put back
+    afterwards."""
+    held = {name: p.grad for name, p in params.items()}
+
+    def hook(param: torch.Tensor, name: str) -> None:
+        consume(name, param.grad)
+        param.grad = None
+
+    handles = []
+    for name, param in params.items():
+        param.grad = None
+        handles.append(param.register_post_accumulate_grad_hook(lambda p, name=name: hook(p, name)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, param in params.items():
+            param.grad = held[name]
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
@@ -183,29 +269,38 @@ def gradient_moments(
     the empirical Fisher information. Sums are kept in float32 (for n examples their relative
     error is about n times float32's, 1e-7: far below what ranks tensors).
 
-    ``method="vmap"`` computes the gradients of ``chunk_size`` examples at once with
-    ``torch.func`` (``vmap(grad(loss))``), so at most one chunk of per-example gradients is held;
-    ``"loop"`` backpropagates one example at a time (any model, one example's gradients held,
-    embedding tables' gradients sparse); ``"auto"`` uses vmap on accelerators and the loop on
-    the CPU, where it measured faster (MiniLM, 2 threads, 32 examples: loop 2.5 s, vmap in
-    chunks of 2 to 8: 7.2 to 10.0 s), and falls back to the loop where vmap cannot run the
-    model (data-dependent control flow). The modality cuts the batches into chunks that can be
-    computed per example (text: grouped by length, without padding).
+    ``method="vmap"`` computes the gradients of up to ``min(chunk_size, VMAP_EXAMPLES)``
+    examples at once with ``torch.func`` (``vmap(grad(loss))``); ``"loop"`` backpropagates one
+    example at a time (any model; embedding tables' gradients sparse); ``"auto"`` uses vmap on
+    accelerators and the loop on the CPU, where it measured faster (MiniLM, 2 threads, 32
+    examples: loop 2.5 s, vmap in chunks of 2 to 8: 7.2 to 10.0 s), and falls back to the loop
+    where vmap cannot run the model (data-dependent control flow). The modality cuts the
+    batches into chunks that can be computed per example (text: grouped by length, without
+    padding).
+
+    Memory, beyond the weights: the two sums (2P, P the parameters' bytes) and one chunk's
+    activations; vmap's chunk holds a gradient of every tensor per example, hence at most
+    ``VMAP_EXAMPLES`` of them (2P), each tensor's freed once added; the loop adds each tensor's
+    gradient as backward produces it (:func:`each_gradient`), so it holds one tensor's at most.
     """
     model = task.model
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    squares = {n: torch.zeros_like(p) for n, p in params.items()}
+    named = dict(model.named_parameters())
+    params = {n: p.detach() for n, p in named.items()}
+    sums, squares = _sums(named), _sums(named)
     count = 0
 
     def example_loss(params: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
         return _loss(task, {k: v.unsqueeze(0) for k, v in example.items()}, params)
 
+    def add(name: str, gradient: torch.Tensor) -> None:
+        _accumulate(sums[name], squares[name], gradient)
+
     per_example = func.vmap(func.grad(example_loss), in_dims=(None, 0))
     device = next(model.parameters()).device
     use_vmap = method == "vmap" or (method == "auto" and device.type != "cpu")
+    size = min(chunk_size, VMAP_EXAMPLES) if use_vmap else chunk_size
     with _math_attention():
-        chunks = (c for b in batches for c in task.modality.example_chunks(b, chunk_size))
+        chunks = (c for b in batches for c in task.modality.example_chunks(b, size))
         for chunk in chunks:
             grads = None
             if use_vmap:
@@ -219,24 +314,21 @@ def gradient_moments(
                     )
                     use_vmap = False
             if grads is not None:
-                for name, g in grads.items():
+                for name in list(grads):  # each tensor's freed once added: no copy of it
+                    g = grads.pop(name)
                     sums[name] += g.sum(0)
-                    squares[name] += (g * g).sum(0)
+                    for row in g:
+                        squares[name].addcmul_(row, row)
+                    del g
             else:
-                with _sparse_embeddings(model):
+                with _sparse_embeddings(model), each_gradient(named, add):
                     for i in range(len(chunk["labels"])):
                         example = {k: v[i : i + 1] for k, v in chunk.items()}
-                        one = torch.autograd.grad(
-                            _loss(task, example), list(model.parameters()), allow_unused=True
-                        )
-                        for name, g in zip(params, one, strict=True):
-                            if g is not None:
-                                _accumulate(sums[name], squares[name], g)
+                        torch.autograd.backward(_loss(task, example), inputs=list(named.values()))
             count += len(chunk["labels"])
-    return (
-        {n: s / count for n, s in sums.items()},
-        {n: s / count for n, s in squares.items()},
-    )
+    for total in (*sums.values(), *squares.values()):
+        total.div_(count)
+    return sums, squares
 
 
 def fisher_diagonal(task: TaskModel, batches: Sequence[Batch], chunk_size: int = 8) -> Scores:
@@ -262,8 +354,14 @@ def hutchinson_trace(
     reused by every probe, and each probe's v is drawn again from its own seed for each chunk
     rather than stored. Cost: per chunk, one backward with ``create_graph`` plus one double
     backward per probe.
+
+    Memory, beyond the weights: the chunk's gradient with its graph (P, P the parameters'
+    bytes, and a few times the chunk's activations), one probe's v (P, drawn tensor by tensor
+    as floats, without an integer copy), and one tensor's part of H v at a time: each is reduced
+    to v_t . (H v)_t as the double backward produces it (:func:`each_gradient`).
     """
-    names, params = zip(*task.model.named_parameters(), strict=True)
+    named = dict(task.model.named_parameters())
+    names, params = list(named), list(named.values())
     estimates = np.zeros((len(params), probes))
     total = sum(len(b["labels"]) for b in batches)
     with _math_attention():
@@ -272,36 +370,63 @@ def hutchinson_trace(
                 chunk = task.modality.sub_batch(batch, start, start + chunk_size)
                 loss = _loss(task, chunk) * (len(chunk["labels"]) / total)
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                del loss
                 used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
                 for probe in range(probes):
-                    generator = torch.Generator().manual_seed(seed * 100_003 + probe)
-                    vectors = [
-                        (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p)
-                        for p in params
-                    ]
-                    hv = torch.autograd.grad(
-                        [grads[i] for i in used],
-                        params,
-                        grad_outputs=[vectors[i] for i in used],
-                        retain_graph=probe < probes - 1,
-                        allow_unused=True,
-                    )
-                    for i, (v, h) in enumerate(zip(vectors, hv, strict=True)):
-                        if h is not None:
-                            estimates[i, probe] += float((v * h).sum())
+                    vectors = _rademacher(params, seed * 100_003 + probe)
+                    last = probe == probes - 1
+                    for i, value in _hessian_products(named, grads, used, vectors, last).items():
+                        estimates[i, probe] += value
+                    del vectors  # before the next probe's are drawn
+                del grads
     return dict(zip(names, estimates, strict=True))
+
+
+def _hessian_products(
+    named: Mapping[str, torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    used: Sequence[int],
+    vectors: Sequence[torch.Tensor],
+    last: bool,
+) -> dict[int, float]:
+    """v_t . (H v)_t for each tensor t that H v reaches: one double backward through the
+    gradients ``grads[used]`` (their graph freed when ``last``), each tensor's part of H v
+    reduced as soon as it is complete."""
+    index = {name: i for i, name in enumerate(named)}
+    products: dict[int, float] = {}
+
+    def dot(name: str, hv: torch.Tensor) -> None:
+        products[index[name]] = float((vectors[index[name]] * hv).sum())
+
+    with each_gradient(named, dot):
+        torch.autograd.backward(
+            [grads[i] for i in used],
+            grad_tensors=[vectors[i] for i in used],
+            retain_graph=not last,
+            inputs=list(named.values()),
+        )
+    return products
+
+
+def _rademacher(params: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """A Rademacher vector (entries +-1, equally likely) like ``params``, from ``seed``: drawn
+    on the CPU, in float32 (the same draws as integers would be), so that no integer copy of
+    the model is made."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 2, p.shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1).to(p)
+        for p in params
+    ]
 
 
 def _grad_norm(cal: Calibration) -> Scores:
     if not cal.share_gradients:
         return grad_norm(cal.task, cal.batches)
-    mean, _ = cal.moments()
-    return {n: float(torch.linalg.vector_norm(g.double())) for n, g in mean.items()}
+    return cal.gradient_scores()[0]
 
 
 def _fisher(cal: Calibration) -> Scores:
-    _, squares = cal.moments()
-    return {n: float(f.double().sum()) for n, f in squares.items()}
+    return cal.gradient_scores()[1]
 
 
 def depth_prior(layers: dict[str, Layer]) -> Scores:
@@ -375,6 +500,7 @@ def tensor_table(task: TaskModel, layers: dict[str, Layer] | None = None) -> pd.
     """One row per parameter tensor of ``task.model``, in its order: the columns of the score
     table that come before the metrics (see the module docstring)."""
     layers = layers or assign_layers(task.model, task.head)
+    categories = tensor_categories(task.model)
     head = set(task.head)
     return pd.DataFrame(
         [
@@ -386,6 +512,7 @@ def tensor_table(task: TaskModel, layers: dict[str, Layer] | None = None) -> pd.
                 "layer_index": layers[name].index,
                 "layer_kind": layers[name].kind,
                 "module": layers[name].module,
+                "category": categories[name],
                 "is_head": name in head,
             }
             for name, p in task.model.named_parameters()
@@ -509,10 +636,10 @@ def metric_agreement(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def calibration_batches(
-    frame: pd.DataFrame, count: int, batch_size: int, data_info: Mapping[str, Any], seed: int
+    modality: Modality, frame: pd.DataFrame, count: int, batch_size: int, seed: int
 ) -> list[Batch]:
     """``count`` batches of ``batch_size`` examples from a (few-shot) training split: a seeded
     permutation of its examples, cycled when the split is smaller than the batches asked for."""
     order = np.random.default_rng(seed).permutation(len(frame))
     chosen = np.resize(order, count * batch_size)
-    return list(split_batches(frame.iloc[chosen], batch_size, data_info))
+    return list(modality.batches(frame.iloc[chosen], batch_size))

@@ -16,6 +16,10 @@ Found from the module tree, never from parameter-name patterns of one architectu
    trunk is a layer, in registration order: the module-tree fallback.
 
 Layer indices follow the forward order: ``input`` 0, blocks 1..n, ``output`` n+1, ``head`` last.
+
+Each tensor also has a *category* (:func:`tensor_categories`), from the module that holds it:
+``norm`` (a normalisation layer), ``attention`` (inside an attention module), ``other``
+(feed-forward layers, convolutions, embeddings).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 INPUT, BLOCK, OUTPUT, HEAD = "input", "block", "output", "head"
+NORM, ATTENTION, OTHER = "norm", "attention", "other"
 
 
 @dataclass(frozen=True)
@@ -160,3 +165,40 @@ def relative_depth(layers: dict[str, Layer]) -> dict[str, float]:
     """Position of each parameter's layer in the network, 0 (input) to 1 (head)."""
     deepest = max(layer.index for layer in layers.values()) or 1
     return {name: layer.index / deepest for name, layer in layers.items()}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's (LayerNorm, GroupNorm, BatchNorm and InstanceNorm, and
+    their subclasses, such as timm's BatchNormAct2d) or a class named like one (LlamaRMSNorm,
+    T5LayerNorm)."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+    return isinstance(module, norms) or type(module).__name__.lower().endswith("norm")
+
+
+def tensor_categories(model: nn.Module) -> dict[str, str]:
+    """Each parameter's category, from the module tree: ``norm`` when the module holding it is
+    a normalisation layer; ``attention`` when that module is inside (or is) a module whose class
+    name contains "Attention" (BERT's self-attention and its output projection, GPT-2's
+    ``c_attn``/``c_proj``, ViT's ``qkv``/``proj``); ``other`` for the rest (feed-forward
+    layers, convolutions, embeddings)."""
+    modules = dict(model.named_modules())
+    attention = [
+        name for name, m in modules.items() if name and "attention" in type(m).__name__.lower()
+    ]
+    categories = {}
+    for name, _ in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if _is_norm(modules[owner]):
+            categories[name] = NORM
+        elif any(owner == a or owner.startswith(a + ".") for a in attention):
+            categories[name] = ATTENTION
+        else:
+            categories[name] = OTHER
+    return categories
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dimension of ``module``'s weight that indexes its outputs: 0 as ``nn.Linear`` and
+    convolutions store them (outputs x inputs), 1 for transformers' ``Conv1D`` (GPT-2's
+    projections), which stores its weight as inputs x outputs."""
+    return 1 if type(module).__name__ == "Conv1D" else 0

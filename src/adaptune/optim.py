@@ -81,19 +81,31 @@ def param_groups(
 
 @dataclass(frozen=True)
 class OptimizerInfo:
-    """How to make one optimizer (after timm's ``OptimInfo`` registry): its class, and whether
-    it takes ``train.momentum``."""
+    """How to make one optimizer (after timm's ``OptimInfo`` registry): its class, whether it
+    takes ``train.momentum``, and the state it keeps for each tensor it steps: ``buffers``
+    tensors of the weight's shape (Adam's two moments), one more for momentum when momentum is
+    set, and a scalar step counter where ``counts_steps`` (torch's, in float32)."""
 
     cls: type[torch.optim.Optimizer]
     takes_momentum: bool = False
+    buffers: int = 0
+    counts_steps: bool = False
+
+    def state_bytes(self, weights: int, tensors: int, momentum: float, element: int = 4) -> int:
+        """Bytes of state for ``weights`` trained weights in ``tensors`` tensors of
+        ``element`` bytes each (the optimizer's tensors: fp32, masters included)."""
+        buffers = self.buffers + (1 if self.takes_momentum and momentum > 0 else 0)
+        return buffers * weights * element + (4 * tensors if self.counts_steps else 0)
 
 
 OPTIMIZERS = {
     "sgd": OptimizerInfo(torch.optim.SGD, takes_momentum=True),
-    "adam": OptimizerInfo(torch.optim.Adam),
-    "adamw": OptimizerInfo(torch.optim.AdamW),
-    "adagrad": OptimizerInfo(torch.optim.Adagrad),
-    "rmsprop": OptimizerInfo(torch.optim.RMSprop, takes_momentum=True),
+    "adam": OptimizerInfo(torch.optim.Adam, buffers=2, counts_steps=True),
+    "adamw": OptimizerInfo(torch.optim.AdamW, buffers=2, counts_steps=True),
+    "adagrad": OptimizerInfo(torch.optim.Adagrad, buffers=1, counts_steps=True),
+    "rmsprop": OptimizerInfo(
+        torch.optim.RMSprop, takes_momentum=True, buffers=1, counts_steps=True
+    ),
 }
 
 
@@ -106,6 +118,50 @@ def build_optimizer(
     groups = [{**g, "lr": settings.lr * g["lr_multiplier"]} for g in groups]
     options = {"momentum": settings.momentum} if info.takes_momentum else {}
     return info.cls(groups, lr=settings.lr, **options)
+
+
+class MasterWeights:
+    """fp32 master copies of the trainable tensors of a model whose weights are stored in
+    bfloat16 (``train.weight_precision: bf16``): the optimizer steps the masters, with fp32
+    state, and each step's result is rounded into the model's bf16 weights. Without them, an
+    update smaller than bf16's resolution near a weight (about 0.4% of it) would be lost.
+
+    :attr:`groups` are the parameter groups with the masters in place of the model's tensors
+    (names, multipliers and decay kept); :meth:`take_gradients` gives each master its
+    tensor's gradient (None where it has none, so the optimizer skips it, as it would the
+    tensor) and :meth:`give_weights` writes the stepped masters back."""
+
+    def __init__(self, groups: Sequence[dict[str, Any]]) -> None:
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.groups = []
+        for group in groups:
+            masters = []
+            for param in group["params"]:
+                master = param.detach().float().clone().requires_grad_(True)
+                masters.append(master)
+                self.pairs.append((param, master))
+            self.groups.append({**group, "params": masters})
+
+    def take_gradients(self) -> None:
+        for param, master in self.pairs:
+            master.grad = None if param.grad is None else param.grad.float()
+
+    @torch.no_grad()
+    def give_weights(self) -> None:
+        for param, master in self.pairs:
+            if master.grad is not None:
+                param.copy_(master)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (Adam's moments, SGD's momentum buffers, step
+    counters), as it holds them now."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
 
 
 def warmup_linear(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:

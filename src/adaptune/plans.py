@@ -63,6 +63,12 @@ class Plan:
     kind: str
     tensors: list[TensorPlan]
     settings: dict[str, Any] = field(default_factory=dict)
+    # What a run of the plan will need, in bytes (:func:`adaptune.memory.plan_memory`).
+    memory: dict[str, Any] = field(default_factory=dict)
+    # Which of the trainable tensors train when, for kinds that switch them during training
+    # (LISA, BAdam): their blocks, the rule, and the periods drawn from the plan's seed
+    # (:class:`adaptune.strategies.base.StrategyKind` ``schedule``); empty for the others.
+    schedule: dict[str, Any] = field(default_factory=dict)
 
     @property
     def totals(self) -> dict[str, float | int]:
@@ -83,6 +89,8 @@ class Plan:
             "kind": self.kind,
             "settings": self.settings,
             "totals": self.totals,
+            "memory": self.memory,
+            **({"schedule": self.schedule} if self.schedule else {}),
             "tensors": [asdict(t) for t in self.tensors],
         }
 
@@ -100,6 +108,8 @@ class Plan:
                 kind=data["kind"],
                 settings=data.get("settings", {}),
                 tensors=[TensorPlan(**t) for t in data["tensors"]],
+                memory=data.get("memory", {}),
+                schedule=data.get("schedule", {}),
             )
         except (KeyError, TypeError) as err:
             raise PlanError(f"{path} is not a freeze plan: {err}") from err
@@ -136,7 +146,62 @@ class Plan:
             lines.append(
                 f"| {layer} | {row['tensors']} | {row['params']:,} | {row['trainable']:,} | {lrs} |"
             )
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self.schedule_lines() + self.memory_lines()) + "\n"
+
+    def schedule_lines(self) -> list[str]:
+        """The schedule of a switching kind (nothing for the others): its rule, each block's
+        draw probability and share of the listed periods, and which blocks train in each
+        period, so that a sampled plan is reviewed as it will run, not as of its first step."""
+        schedule = self.schedule
+        if not schedule:
+            return []
+        periods = schedule["periods"]
+        lines = ["", "## Schedule", "", schedule["rule"], ""]
+        lines += [
+            "| block | params | draw probability | periods active (of the listed) |",
+            "|---|---:|---:|---:|",
+        ]
+        for block in schedule["blocks"]:
+            active = sum(block["layer"] in period for period in periods)
+            lines.append(
+                f"| {block['layer']} | {block['params']:,} | {block['probability']:.3f} | "
+                f"{active} of {len(periods)} |"
+            )
+        lines += ["", "| period | blocks that train (with what always trains) |", "|---:|---|"]
+        lines += [f"| {i} | {', '.join(period)} |" for i, period in enumerate(periods)]
+        if schedule.get("continues"):
+            lines += ["", schedule["continues"]]
+        return lines
+
+    def memory_lines(self) -> list[str]:
+        """The memory estimate as a table (nothing when the plan has none)."""
+        memory = self.memory
+        if not memory:
+            return []
+        parts = [
+            ("weights", f"every weight in {memory['weight_precision']}"),
+            ("master_weights", "fp32 copies of what trains (bf16 weights)"),
+            ("gradients", "of what trains"),
+            ("optimizer_state", f"{memory['optimizer']}'s state of what trains"),
+            (
+                "activations",
+                f"one micro-batch of {memory['batch_size']} / "
+                f"{memory['accumulate_steps']}"
+                + (", gradient checkpointing" if memory["gradient_checkpointing"] else ""),
+            ),
+        ]
+        lines = [
+            "",
+            "## Memory this run needs (estimate)",
+            "",
+            "| part | MB | what |",
+            "|---|---:|---|",
+        ]
+        for key, what in parts:
+            if key in memory:
+                lines.append(f"| {key.replace('_', ' ')} | {memory[key] / 1e6:,.1f} | {what} |")
+        lines.append(f"| **total** | **{memory['total'] / 1e6:,.1f}** | |")
+        return lines
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,15 @@ LEADERBOARD_COLUMNS = [
     "trainable_params",
     "trainable_fraction",
     "train_seconds",
+    "optimizer_state_bytes",
+    "peak_memory_bytes",
+    "weight_change",
+    "cka_drift",
+    "stopped_epoch",
     "best_epoch",
     "best_val_macro_f1",
     "test_loss",
     "test_examples",
-    "mlflow_run_id",
 ]
 
 
@@ -71,7 +75,25 @@ def leaderboard(runs: Iterable[str | Path | Mapping[str, Any]]) -> pd.DataFrame:
     for column in ("shift_macro_f1", "shift_drop"):
         if column not in table.columns:
             table[column] = np.nan
-    for column in ("best_val_macro_f1", "trainable_fraction", "trainable_params", "shift_drop"):
+    for column in (
+        "optimizer_state_bytes",
+        "peak_memory_bytes",
+        "stopped_epoch",
+        "weight_change",
+        "cka_drift",
+    ):
+        if column not in table.columns:  # runs made before adaptune recorded them, baselines
+            table[column] = np.nan
+    for column in (
+        "best_val_macro_f1",
+        "trainable_fraction",
+        "trainable_params",
+        "shift_drop",
+        "optimizer_state_bytes",
+        "peak_memory_bytes",
+        "weight_change",
+        "cka_drift",
+    ):
         if column in table.columns:
             table[column] = pd.to_numeric(table[column])
     return (
@@ -113,7 +135,9 @@ def select_values(board: pd.DataFrame, order: Iterable[str] = ()) -> pd.DataFram
 
 def summarise(board: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds for each (shots, strategy), with the values its
-    sweep chose (``lr=0.0001 x3, lr=3e-05 x2``)."""
+    sweep chose (``lr=0.0001 x3, lr=3e-05 x2``). A measure the runs lack is left empty."""
+    optional = ("optimizer_state_bytes", "peak_memory_bytes", "weight_change", "cka_drift")
+    board = board.assign(**{c: np.nan for c in optional if c not in board.columns})
     grouped = board.groupby(["shots", "strategy"], sort=False)
     summary = grouped.agg(
         seeds=("seed", "nunique"),
@@ -127,6 +151,10 @@ def summarise(board: pd.DataFrame) -> pd.DataFrame:
         val_macro_f1_mean=("best_val_macro_f1", "mean"),
         trainable_fraction=("trainable_fraction", "mean"),
         train_seconds_mean=("train_seconds", "mean"),
+        optimizer_state_bytes=("optimizer_state_bytes", "max"),
+        peak_memory_bytes=("peak_memory_bytes", "max"),
+        weight_change_mean=("weight_change", "mean"),
+        cka_drift_mean=("cka_drift", "mean"),
         chosen=("setting", _chosen_values),
     ).reset_index()
     summary = summary.fillna(
@@ -144,6 +172,26 @@ def _chosen_values(settings: pd.Series) -> str:
     """How often each swept value was chosen over the seeds ("" where nothing was swept)."""
     counts = settings[settings != ""].value_counts()
     return ", ".join(f"{value} x{count}" for value, count in counts.items())
+
+
+def reference_strategy(config: Mapping[str, Any]) -> str | None:
+    """The strategy the others are compared with: ``report.reference``, or else the one
+    strategy of kind ``full`` (None when there is no such single one)."""
+    chosen = config.get("report", {}).get("reference", "")
+    if chosen:
+        return chosen
+    fulls = {
+        sweeps.family(name)
+        for name, spec in config.get("strategies", {}).items()
+        if spec.get("kind") == "full"
+    }
+    return fulls.pop() if len(fulls) == 1 else None
+
+
+NO_REFERENCE = (
+    "No strategy to compare with: set report.reference to one of the strategies (without it, "
+    "the reference is the one strategy of kind full, and this experiment has {count})."
+)
 
 
 def paired_difference(
@@ -181,12 +229,14 @@ def interval(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], n={d['n']}"
 
 
-def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
+def best_per_shots(
+    summary: pd.DataFrame, board: pd.DataFrame, reference: str | None = None
+) -> pd.DataFrame:
     """For each shot count, the strategy selected on validation (highest mean best-epoch
     validation macro-F1 over seeds; only fine-tuned strategies have one; ties go to the one
-    that trains fewer parameters), its test macro-F1,
-    the run (seed) whose model is the one to use, and its paired difference to full
-    fine-tuning across seeds. The test split plays no part in the choice."""
+    that trains fewer parameters), its test macro-F1, the run (seed) whose model is the one to
+    use, and its paired difference to the ``reference`` strategy across seeds (NaN without
+    one). The test split plays no part in the choice."""
     rows = []
     for shots, part in summary.groupby("shots", sort=False):
         # Ties on validation go to the strategy that trains less, then to the name: never to
@@ -199,8 +249,10 @@ def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
         best = ranked.iloc[0]
         runs = board[(board["shots"] == shots) & (board["strategy"] == best["strategy"])]
         chosen = runs.sort_values(["best_val_macro_f1", "seed"], ascending=[False, True]).iloc[0]
-        versus = paired_difference(board, shots, best["strategy"], "full")
-        shifted = paired_difference(board, shots, best["strategy"], "full", "shift_macro_f1")
+        versus = paired_difference(board, shots, best["strategy"], reference or "")
+        shifted = paired_difference(
+            board, shots, best["strategy"], reference or "", "shift_macro_f1"
+        )
         rows.append(
             {
                 "shots": shots,
@@ -210,43 +262,48 @@ def best_per_shots(summary: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
                 "test_macro_f1_std": best["test_macro_f1_std"],
                 "seeds": int(best["seeds"]),
                 "runner_up_on_val": ranked.iloc[1]["strategy"] if len(ranked) > 1 else "",
-                "diff_vs_full": versus["diff"],
-                "diff_vs_full_low": versus["low"],
-                "diff_vs_full_high": versus["high"],
+                "reference": reference or "",
+                "diff_vs_reference": versus["diff"],
+                "diff_vs_reference_low": versus["low"],
+                "diff_vs_reference_high": versus["high"],
                 "shift_macro_f1_mean": best["shift_macro_f1_mean"],
-                "shift_diff_vs_full": shifted["diff"],
-                "shift_diff_vs_full_low": shifted["low"],
-                "shift_diff_vs_full_high": shifted["high"],
+                "shift_diff_vs_reference": shifted["diff"],
+                "shift_diff_vs_reference_low": shifted["low"],
+                "shift_diff_vs_reference_high": shifted["high"],
                 "model_seed": int(chosen["seed"]),
                 "model_strategy": sweeps.variant(best["strategy"], chosen.get("setting", "")),
-                "mlflow_run_id": chosen.get("mlflow_run_id", ""),
             }
         )
     return pd.DataFrame(rows)
 
 
+def _versus(r: Any, prefix: str = "") -> dict[str, float]:
+    """The paired difference of a ``best_per_shots`` row (``prefix`` "shift_": under shift)."""
+    diff = getattr(r, f"{prefix}diff_vs_reference")
+    return {
+        "diff": diff,
+        "low": getattr(r, f"{prefix}diff_vs_reference_low"),
+        "high": getattr(r, f"{prefix}diff_vs_reference_high"),
+        "n": 0 if pd.isna(diff) else r.seeds,
+    }
+
+
 def headline(best: pd.DataFrame) -> list[str]:
-    """One sentence per shot count: what was selected on validation and how it did on test."""
+    """One sentence per shot count: what was selected on validation and how it did on test,
+    against the reference strategy."""
     lines = []
     for r in best.itertuples(index=False):
-        versus = {"diff": r.diff_vs_full, "low": r.diff_vs_full_low, "high": r.diff_vs_full_high}
-        versus["n"] = r.seeds if not pd.isna(r.diff_vs_full) else 0
-        compared = (
-            "it is full fine-tuning"
-            if r.selected_strategy == "full"
-            else f"test macro-F1 minus full fine-tuning's: {interval(versus)}"
-        )
+        if not r.reference:
+            compared = "no reference strategy to compare with"
+        elif r.selected_strategy == r.reference:
+            compared = "it is the reference strategy"
+        else:
+            compared = f"test macro-F1 minus {r.reference}'s: {interval(_versus(r))}"
         shifted = ""
         if not pd.isna(r.shift_macro_f1_mean):
             shifted = f"; under shift macro-F1 {r.shift_macro_f1_mean:.4f}"
-            if r.selected_strategy != "full" and not pd.isna(r.shift_diff_vs_full):
-                shift_versus = {
-                    "diff": r.shift_diff_vs_full,
-                    "low": r.shift_diff_vs_full_low,
-                    "high": r.shift_diff_vs_full_high,
-                    "n": r.seeds,
-                }
-                shifted += f", minus full's {interval(shift_versus)}"
+            if r.reference and r.selected_strategy != r.reference:
+                shifted += f", minus {r.reference}'s {interval(_versus(r, 'shift_'))}"
         lines.append(
             f"- **{r.shots} shots per class**: **{r.selected_strategy}** selected on validation "
             f"(val macro-F1 {r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}"
@@ -256,24 +313,53 @@ def headline(best: pd.DataFrame) -> list[str]:
     return lines
 
 
+def megabytes(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value / 1e6:,.0f} MB"
+
+
 def to_markdown(
     board: pd.DataFrame,
     summary: pd.DataFrame,
     experiment: str,
     shift_names: Iterable[str] = (),
+    reference: str | None = None,
+    full_strategies: int = 0,
 ) -> str:
-    best = best_per_shots(summary, board)
+    """The leaderboard page: the strategy selected per shot count, every strategy over seeds
+    (:func:`strategy_table`), every run (:func:`run_table`). Differences are to ``reference``;
+    without one, the page says so (``full_strategies``: how many of kind full there are)."""
+    best = best_per_shots(summary, board, reference)
+    compared = (
+        f"Differences to {reference} are paired by seed, with a 95% t-interval where there "
+        "are several seeds."
+        if reference
+        else NO_REFERENCE.format(count=full_strategies or "none")
+    )
     lines = [f"# Leaderboard: {experiment}", "", "## Selected strategy per shot count", ""]
     lines += [
         "Chosen on the validation split (mean best-epoch validation macro-F1 over seeds); the "
-        "test split is only reported. Differences to full fine-tuning are paired by seed, with "
-        "a 95% t-interval where there are several seeds.",
+        f"test split is only reported. {compared}",
         "",
         *headline(best),
     ]
     lines += ["", "## Every strategy (mean ± std over seeds; n=1: one seed, no spread)", ""]
+    lines += strategy_table(board, summary, shift_names, reference)
+    lines += ["", "## Every run", ""]
+    lines += run_table(board)
+    return "\n".join(lines) + "\n"
+
+
+def strategy_table(
+    board: pd.DataFrame,
+    summary: pd.DataFrame,
+    shift_names: Iterable[str],
+    reference: str | None,
+) -> list[str]:
+    """One row per (shots, strategy): validation, test and shifted scores, the paired
+    difference to ``reference``, what trained and what it cost."""
     shifted = summary["shift_macro_f1_mean"].notna().any()
     swept = (summary["chosen"] != "").any()
+    lines = []
     if shifted:
         lines += [
             "Under shift: the mean macro-F1 over the shifted test splits "
@@ -287,59 +373,84 @@ def to_markdown(
             "",
         ]
     lines += [
+        "Optimizer state: the most its optimizer held; peak memory: the run's peak (CUDA's "
+        "allocator on a GPU, the whole process's resident memory on a CPU). Drift from the "
+        "pretrained model: weight change ||w - w0|| / ||w0|| of the body, and 1 - linear CKA "
+        "between the pretrained and the fine-tuned body's features on the test split.",
+        "",
+    ]
+    versus = f"vs {reference} (paired) | " if reference else ""
+    lines += [
         "| shots | strategy | seeds | val macro-F1 | test macro-F1 | test accuracy | "
-        "vs full (paired) | "
-        + ("under shift | drop | vs full under shift | " if shifted else "")
-        + "trainable | train s |"
+        + versus
+        + (f"under shift | drop | {versus}" if shifted else "")
+        + "trainable | optimizer state | peak memory | train s | weight change | 1 - CKA |"
         + (" chosen |" if swept else ""),
-        "|---|---|---:|---:|---:|---:|---|"
-        + ("---:|---:|---|" if shifted else "")
-        + "---:|---:|"
+        "|---|---|---:|---:|---:|---:|"
+        + ("---|" if reference else "")
+        + (("---:|---:|" + ("---|" if reference else "")) if shifted else "")
+        + "---:|---:|---:|---:|---:|---:|"
         + ("---|" if swept else ""),
     ]
     for r in summary.itertuples(index=False):
-        acc_spread, f1_spread = (
-            (f" ± {r.test_accuracy_std:.4f}", f" ± {r.test_macro_f1_std:.4f}")
-            if r.seeds > 1
-            else ("", "")
+        lines.append(_strategy_row(r, board, reference, shifted, swept))
+    return lines
+
+
+def _drift(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.4f}"
+
+
+def _spread(std: float, seeds: int) -> str:
+    return f" ± {std:.4f}" if seeds > 1 else ""
+
+
+def _versus_cell(board: pd.DataFrame, r: Any, reference: str, metric: str) -> str:
+    if r.strategy == reference:
+        return "– | "
+    return interval(paired_difference(board, r.shots, r.strategy, reference, metric)) + " | "
+
+
+def _strategy_row(
+    r: Any, board: pd.DataFrame, reference: str | None, shifted: bool, swept: bool
+) -> str:
+    val = "–" if pd.isna(r.val_macro_f1_mean) else f"{r.val_macro_f1_mean:.4f}"
+    versus = _versus_cell(board, r, reference, "test_macro_f1") if reference else ""
+    shift_cells = ""
+    if shifted and pd.isna(r.shift_macro_f1_mean):
+        shift_cells = "– | – | " + ("– | " if reference else "")
+    elif shifted:
+        shift_cells = (
+            f"{r.shift_macro_f1_mean:.4f}{_spread(r.shift_macro_f1_std, r.seeds)} | "
+            f"{r.shift_drop_mean:+.4f} | "
+            + (_versus_cell(board, r, reference, "shift_macro_f1") if reference else "")
         )
-        val = "–" if pd.isna(r.val_macro_f1_mean) else f"{r.val_macro_f1_mean:.4f}"
-        paired = paired_difference(board, r.shots, r.strategy, "full")
-        versus = "–" if r.strategy == "full" else interval(paired)
-        shift_cells = ""
-        if shifted:
-            if pd.isna(r.shift_macro_f1_mean):
-                shift_cells = "– | – | – | "
-            else:
-                spread = f" ± {r.shift_macro_f1_std:.4f}" if r.seeds > 1 else ""
-                shift_paired = paired_difference(
-                    board, r.shots, r.strategy, "full", "shift_macro_f1"
-                )
-                shift_versus = "–" if r.strategy == "full" else interval(shift_paired)
-                shift_cells = (
-                    f"{r.shift_macro_f1_mean:.4f}{spread} | {r.shift_drop_mean:+.4f} | "
-                    f"{shift_versus} | "
-                )
-        lines.append(
-            f"| {r.shots} | {r.strategy} | {r.seeds} | {val} | {r.test_macro_f1_mean:.4f}"
-            f"{f1_spread} | {r.test_accuracy_mean:.4f}{acc_spread} | {versus} | "
-            f"{shift_cells}{percent(r.trainable_fraction)} | "
-            f"{r.train_seconds_mean:.1f} |" + (f" {r.chosen or '–'} |" if swept else "")
-        )
-    lines += ["", "## Every run", ""]
-    lines += [
+    return (
+        f"| {r.shots} | {r.strategy} | {r.seeds} | {val} | {r.test_macro_f1_mean:.4f}"
+        f"{_spread(r.test_macro_f1_std, r.seeds)} | {r.test_accuracy_mean:.4f}"
+        f"{_spread(r.test_accuracy_std, r.seeds)} | {versus}{shift_cells}"
+        f"{percent(r.trainable_fraction)} | {megabytes(r.optimizer_state_bytes)} | "
+        f"{megabytes(r.peak_memory_bytes)} | {r.train_seconds_mean:.1f} | "
+        f"{_drift(r.weight_change_mean)} | {_drift(r.cka_drift_mean)} |"
+        + (f" {r.chosen or '–'} |" if swept else "")
+    )
+
+
+def run_table(board: pd.DataFrame) -> list[str]:
+    """One row per run (its swept setting beside its strategy)."""
+    lines = [
         "| shots | strategy | seed | test macro-F1 | test accuracy | trainable params | "
-        "trainable | train s | best epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "trainable | train s | best epoch | stopped |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in board.itertuples(index=False):
         name = f"{r.strategy} ({r.setting})" if getattr(r, "setting", "") else r.strategy
         lines.append(
             f"| {r.shots} | {name} | {r.seed} | {r.test_macro_f1:.4f} | "
             f"{r.test_accuracy:.4f} | {r.trainable_params:,} | {percent(r.trainable_fraction)} | "
-            f"{r.train_seconds:.1f} | {_epoch(r.best_epoch)} |"
+            f"{r.train_seconds:.1f} | {_epoch(r.best_epoch)} | {_epoch(r.stopped_epoch)} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run_histories(runs: Mapping[Path, Mapping[str, Any]]) -> pd.DataFrame:
@@ -401,25 +512,38 @@ def html_page(markdown_lines: str, best: pd.DataFrame, config: Mapping[str, Any]
 
 
 def register_champions(
-    best: pd.DataFrame, run_folders: Mapping[tuple, Path], experiment: Mapping[str, str]
-) -> None:
-    """The selected run of each shot count becomes the ``champion`` of the registered model
-    ``<experiment>-k<shots>``."""
+    best: pd.DataFrame,
+    run_folders: Mapping[tuple, Path],
+    experiment: Mapping[str, str],
+    best_effort: bool = True,
+) -> dict[str, int]:
+    """The selected run of each shot count (its folder's ``mlflow_run_id``) becomes the
+    ``champion`` of the registered model ``<experiment>-k<shots>``; returns the versions. In
+    the report stage this is best effort: a store that does not answer is told once and
+    skipped (the next workflow run registers them, :mod:`adaptune.records`)."""
+    uri, registered = experiment["tracking_uri"], {}
     for r in best.itertuples(index=False):
-        folder = run_folders[(r.model_strategy, str(r.shots), r.model_seed)]
-        summary = json.loads((folder / "train_summary.json").read_text())
-        if not summary.get("mlflow_model_uri"):
-            continue
+        folder = run_folders[(r.model_strategy, str(r.shots), int(r.model_seed))]
+        run_id = (folder / "mlflow_run_id").read_text().strip()
         name = f"{experiment['experiment_name']}-k{r.shots}"
-        version = tracking.register_champion(
-            experiment["tracking_uri"],
-            name,
-            summary["mlflow_model_uri"],
-            summary["mlflow_run_id"],
-            f"{r.selected_strategy}, seed {r.model_seed}: selected on validation "
-            f"(val macro-F1 {r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}",
+        if not run_id:
+            log.warning("%s has no MLflow run yet: %s is registered once it has", folder, name)
+            continue
+        description = (
+            f"{r.selected_strategy}, seed {r.model_seed}: selected on validation (val macro-F1 "
+            f"{r.val_macro_f1_mean:.4f}); test macro-F1 {r.test_macro_f1_mean:.4f}"
         )
-        log.info("registered model %s version %d is now @%s", name, version, tracking.CHAMPION)
+        try:
+            version = tracking.register_champion(uri, name, run_id, description)
+        except Exception as err:
+            if not best_effort:
+                raise
+            tracking.tell_store_failed(uri, tracking.failure_text(err))
+            break
+        if version is not None:
+            registered[name] = version
+            log.info("registered model %s version %d is now @%s", name, version, tracking.CHAMPION)
+    return registered
 
 
 def run_report(
@@ -435,9 +559,11 @@ def run_report(
     ``champion`` when ``experiment_path`` names the MLflow experiment), and plots."""
     runs = {Path(path): json.loads(Path(path).read_text()) for path in metric_files}
     every = leaderboard(runs.values())
-    board = select_values(every, (config or {}).get("strategies", {}))
+    config = config or {}
+    board = select_values(every, config.get("strategies", {}))
     summary = summarise(board)
-    best = best_per_shots(summary, board)
+    reference = reference_strategy(config)
+    best = best_per_shots(summary, board, reference)
     run_folders = {
         (row["strategy"], str(row["shots"]), row.get("seed", 0)): path.parent
         for path, row in runs.items()
@@ -452,9 +578,16 @@ def run_report(
         every.to_csv(outputs["sweep"], index=False)
     summary.to_csv(outputs["summary"], index=False)
     shift_names = sorted({name for row in runs.values() for name in row.get("shifts", {})})
-    markdown = to_markdown(board, summary, experiment, shift_names)
+    full_strategies = len(
+        {
+            sweeps.family(name)
+            for name, spec in config.get("strategies", {}).items()
+            if spec.get("kind") == "full"
+        }
+    )
+    markdown = to_markdown(board, summary, experiment, shift_names, reference, full_strategies)
     Path(outputs["markdown"]).write_text(markdown)
-    Path(outputs["page"]).write_text(html_page(markdown, best, config or {}))
+    Path(outputs["page"]).write_text(html_page(markdown, best, config))
     plot_leaderboard(summary, outputs["plot"], experiment, num_labels)
     plot_tradeoffs(board, outputs["tradeoffs"], experiment)
     if "generalisation" in outputs:

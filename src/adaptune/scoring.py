@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ import pandas as pd
 import torch
 
 from adaptune import modalities, strategies
-from adaptune.data import read_data_info, read_split
+from adaptune.data import read_split
+from adaptune.data_info import DataInfo
+from adaptune.devices import select_device
 from adaptune.errors import ConfigError
 from adaptune.figures import plot_heatmap
 from adaptune.importance import (
@@ -30,11 +31,11 @@ from adaptune.importance import (
     score_model,
     tensor_table,
 )
+from adaptune.memory import profile_activations
 from adaptune.modalities import TaskModel
 from adaptune.plans import ScoreTables
-from adaptune.runtime import select_device
 from adaptune.settings import ImportanceSettings, ModelSettings, TrainSettings
-from adaptune.training import finetune
+from adaptune.training import train as train_loop
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ class ProbeResult:
 def probe_head(
     task: TaskModel,
     train: pd.DataFrame,
-    info: Mapping[str, Any],
     settings: ImportanceSettings,
     device: torch.device,
 ) -> ProbeResult:
@@ -63,7 +63,7 @@ def probe_head(
     first phase, on the few-shot training split ``train``.
 
     The probe is a fine-tuning run of ``settings.probe_epochs`` epochs under the ``head_only``
-    kind's plan, through :func:`adaptune.training.finetune`: the body is frozen, so its
+    kind's plan, through :func:`adaptune.training.train`: the body is frozen, so its
     features are computed once per example and only the head runs each step
     (:mod:`adaptune.prefix`). AdamW at ``settings.probe_lr`` decaying linearly to 0, no warm-up,
     the schema's ``train`` defaults otherwise (batches of 16), seeded from ``settings.seed``.
@@ -96,8 +96,8 @@ def probe_head(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     start = time.perf_counter()
     try:
-        result = finetune(
-            task, plan, train, train, probe, settings.seed, info, device, restore_best=False
+        result = train_loop(
+            task, plan, train, train, probe, settings.seed, device, restore_best=False
         )
     finally:
         for param, flag in flags:
@@ -135,21 +135,21 @@ def run_score_importance(
     from ``settings.seed``, and with ``settings.head == "probe"`` fitted by :func:`probe_head`
     first) on calibration batches of the few-shot training split. ``head_path`` receives which
     head was scored (and the probe's outcome) as JSON."""
-    info = read_data_info(data_info_path)
+    modality = modalities.for_data(DataInfo.read(data_info_path))
     train = read_split(train_path)
-    task = modalities.get(info).load_pretrained(model, info["labels"], settings.seed, info)
+    task = modality.load_pretrained(model, settings.seed)
     # On the GPU where there is one: per-example gradients then go through torch.func's vmap.
     device = select_device("auto")
     task.model.to(device)
     scored: dict[str, Any] = {"head": settings.head}
     title = f"{model.name}: per-element importance by layer"
     if settings.head == "probe":
-        scored.update(asdict(probe_head(task, train, info, settings, device)))
+        scored.update(asdict(probe_head(task, train, settings, device)))
         title += f", head probed {settings.probe_epochs} epochs"
     batches = [
         {key: value.to(device) for key, value in batch.items()}
         for batch in calibration_batches(
-            train, settings.batches, settings.batch_size, info, settings.seed
+            modality, train, settings.batches, settings.batch_size, settings.seed
         )
     ]
     log.info("scoring on %s", device)
@@ -161,6 +161,8 @@ def run_score_importance(
     )
     table.to_parquet(scores_path, index=False)
     layers = layer_table(table, settings.combine)
+    # What each layer costs in activations per example, for the plans' memory estimates.
+    layers = layers.merge(profile_activations(task, batches[0]), on="layer_index", how="left")
     layers.to_parquet(layers_path, index=False)
     plot_heatmap(layers, metric_columns(layers), heatmap_path, title)
     metric_agreement(table).to_csv(agreement_path, float_format="%.4f")

@@ -77,8 +77,10 @@ class DataSettings:
     image_column: str
     root: str
     encoding: str
+    separator: str
     revision: str
     duplicates: str
+    unreadable_images: str
     val_size: float
     test_size: float
     max_length: int
@@ -180,6 +182,43 @@ class ImportanceSettings:
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """``train.early_stopping``: stop after ``patience`` epochs without an improvement of the
+    validation macro-F1 by more than ``min_delta`` (``patience`` 0: never)."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+
+# The train settings a plan's memory estimate reads (adaptune.memory.plan_memory): the
+# workflow's make_freeze_plan depends on these alone, so a new learning rate leaves plans be.
+PLAN_MEMORY_SETTINGS = (
+    "optimizer",
+    "momentum",
+    "batch_size",
+    "accumulate_steps",
+    "gradient_checkpointing",
+    "weight_precision",
+    "precision",
+)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """``train.checkpoint``: whether a ``finetune`` job keeps what it needs to resume after it
+    is killed (``enabled``), at each epoch's end and, with ``every_steps`` > 0, every that many
+    optimizer steps too (:mod:`adaptune.checkpoints`). How often a job checkpoints changes
+    none of its results."""
+
+    enabled: bool = True
+    every_steps: int = 0
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """How one run trains: ``train:`` with its strategy's ``train:`` overrides applied, without
     ``seeds`` (the run's seed is its wildcard)."""
@@ -200,8 +239,33 @@ class TrainSettings:
     augment: list[str]
     frozen_batchnorm: str
     feature_cache: str
+    accumulate_steps: int = 1
+    gradient_checkpointing: bool = False
+    weight_precision: str = "fp32"
+    early_stopping: EarlyStopping = EarlyStopping()
+    sharding: str = "ddp"
+    checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @property
+    def compute_precision(self) -> str:
+        """The autocast precision of the forward pass: bf16 weights compute in bf16."""
+        return "bf16" if self.weight_precision == "bf16" else self.precision
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """The settings that decide what a run computes: all but ``checkpoint`` (how often a
+        job saves its progress changes nothing it computes)."""
+        values = asdict(self)
+        values.pop("checkpoint")
+        return values
 
     def __post_init__(self) -> None:
+        if self.weight_precision == "bf16" and self.precision == "fp32":
+            raise ConfigError(
+                "train.weight_precision = 'bf16' stores the weights in bfloat16, but "
+                "train.precision = 'fp32' computes in float32; set train.precision: bf16 (or "
+                "auto), or train.weight_precision: fp32"
+            )
         if self.devices > 1 and self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(
                 f"train.devices = {self.devices} trains on several devices, but train.device "

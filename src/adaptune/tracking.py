@@ -11,14 +11,23 @@ The lifecycle of a run:
    Several checkouts (or machines) find the same experiment on a server by name, and share it.
 2. ``finetune`` starts the run, tagged with its key (``adaptune.key``, e.g. ``full/k16/seed0``)
    and its workspace (the results folder it writes to), writes the run id to a file, and logs
-   parameters and curves into it. Any earlier run of the same key and workspace (an attempt
-   that was killed, or one a rerun replaces) is ended (KILLED if it was still RUNNING), tagged
-   ``adaptune.superseded_by`` and deleted, so the UI and any search show one run per key. A
-   job that fails marks its run FAILED; one that is interrupted (Ctrl-C, SIGTERM) KILLED.
+   parameters and curves into it. A job resuming from its checkpoint (which carries the run
+   id) opens that run again instead, and logs only what it does not hold yet. Any other
+   run of the same key and workspace (an attempt that was killed, or one a rerun replaces)
+   is ended (KILLED if it was still RUNNING), tagged ``adaptune.superseded_by`` and deleted,
+   so the UI and any search show one run per key. A job that fails marks its run FAILED; one
+   that is interrupted (Ctrl-C, SIGTERM) KILLED.
 3. ``evaluate`` takes the run-id file as input and logs the test metrics into the same run, by
    id, without reopening it (its status and duration stay those of the training).
 
-Nothing reads results back from MLflow: the workflow's files are the source of truth.
+Each stage ends its logging by tagging the run ``adaptune.logged`` with its name (``finetune``,
+``evaluate``, ``baseline``): a run without the tag its files call for is incomplete. A job
+tracks on a best-effort basis (:class:`TrackedRun`): when the store stops answering, the job says so
+once, naming the store, and goes on to write its files.
+
+Nothing reads results back from MLflow: the workflow's files are the source of truth, and the
+store is a view of them, which :mod:`adaptune.records` rebuilds from the files when it was
+deleted, replaced or missed some logging.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adaptune.errors import ConfigError
+from adaptune.logs import NOTICE
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,10 @@ KEY_TAG, WORKSPACE_TAG, SUPERSEDED_TAG = (
     "adaptune.workspace",
     "adaptune.superseded_by",
 )
+# The stage whose logging a run has completed (finetune, then evaluate; baseline): set last.
+LOGGED_TAG = "adaptune.logged"
+# On a run rebuilt from a run's files: the folder, and the run it replaces.
+REBUILT_TAG = "adaptune.rebuilt_from"
 EXPERIMENT_KIND = "mlflow.experimentKind"
 CHAMPION = "champion"  # the Model Registry alias of the strategy selected per shot count
 # Fail in seconds when a tracking server is down, not after MLflow's default 7 retries with
@@ -316,28 +330,98 @@ def metric_name(text: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", text)
 
 
-class Run:
-    """One MLflow run, logged into by id (``MlflowClient``), with retries on SQLite locks."""
+# Causes worth naming alone, found in the (long, nested) messages of MLflow's and SQLite's errors.
+FAILURE_CAUSES = (
+    "Connection refused",
+    "Name or service not known",
+    "timed out",
+    "database is locked",
+    "Read-only file system",
+    "No space left on device",
+    "database or disk is full",
+)
 
-    def __init__(self, client: Any, run_id: str) -> None:
+
+def failure_text(err: BaseException) -> str:
+    """An exception in one short line: its type and its cause (a known one, else the first
+    line of its message)."""
+    text = str(err).strip()
+    cause = next((c for c in FAILURE_CAUSES if c.lower() in text.lower()), None)
+    first = cause or (text.splitlines()[0] if text else "")
+    return f"{type(err).__name__}: {first}"[:200]
+
+
+def tell_store_failed(tracking_uri: str, failure: str) -> None:
+    """Say, in the job's log and on the terminal (:func:`adaptune.logs.to_log_file`), that the
+    store failed and what happens to this run's record."""
+    logging.getLogger(NOTICE).warning(
+        "MLflow at %s stopped answering (%s): this job goes on without it and writes its "
+        "files; the next snakemake brings MLflow up to date from them once it answers again "
+        "(or now: adaptune sync-mlflow CONFIG)",
+        tracking_uri,
+        failure,
+    )
+
+
+class TrackedRun:
+    """One MLflow run, logged into by id (``MlflowClient``), with retries on SQLite locks.
+
+    A job's run is best effort (``best_effort``): the first call that fails (the store went
+    away, a tracking server stopped answering) is told once, naming the store
+    (:func:`tell_store_failed`), and every later call is skipped, so that the job finishes and
+    writes its files; the next workflow run logs them again (:mod:`adaptune.records`). Otherwise
+    (the re-logging itself) a failure raises. A run without an id (its store could not create
+    it) logs nothing."""
+
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        tracking_uri: str = "",
+        best_effort: bool = False,
+        reopened: bool = False,
+    ) -> None:
         self.client, self.run_id = client, run_id
+        self.tracking_uri, self.best_effort = tracking_uri, best_effort
+        self.failure: str | None = None
+        self.reopened = reopened  # a resumed job's run, opened again (see start_run)
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``function(*args, **kwargs)``, or None in a best-effort run once one call failed."""
+        if self.failure is not None:
+            return None
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            if not self.best_effort:
+                raise
+            self.failure = failure_text(err)
+            log.info(
+                "MLflow call %s failed", getattr(function, "__name__", function), exc_info=True
+            )
+            tell_store_failed(self.tracking_uri, self.failure)
+            return None
+
+    def _client_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """The client's ``method`` with retries on SQLite locks, through :meth:`call`."""
+        return self.call(lambda: retrying(getattr(self.client, method))(*args, **kwargs))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(batch), 100):  # MLflow takes at most 100 params a call
-            retrying(self.client.log_batch)(self.run_id, params=batch[start : start + 100])
+            self._client_call("log_batch", self.run_id, params=batch[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.log_steps([{**metrics, "step": step or 0}])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            retrying(self.client.set_tag)(self.run_id, key, str(value))
+            self._client_call("set_tag", self.run_id, key, str(value))
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        retrying(self.client.log_artifact)(self.run_id, str(path), folder)
+        self._client_call("log_artifact", self.run_id, str(path), folder)
 
     def log_steps(self, rows: Sequence[Mapping[str, float]]) -> None:
         """Per-step metrics: each row's ``step`` and its other values."""
@@ -351,10 +435,34 @@ class Run:
             if k != "step"
         ]
         for start in range(0, len(batch), 1000):
-            retrying(self.client.log_batch)(self.run_id, metrics=batch[start : start + 1000])
+            self._client_call("log_batch", self.run_id, metrics=batch[start : start + 1000])
+
+    def log_steps_once(self, rows: Sequence[Mapping[str, float]]) -> int:
+        """:meth:`log_steps`, leaving out each (metric, step) that the run holds already (a
+        resumed job's rows whose logging a kill may or may not have cut short). Returns how
+        many values it logged."""
+        keys = {k for row in rows for k in row if k != "step"}
+        held = self.call(
+            lambda: {
+                key: {m.step for m in retrying(self.client.get_metric_history)(self.run_id, key)}
+                for key in keys
+            }
+        )
+        if held is None:  # the store does not answer
+            return 0
+        missing = [
+            {"step": row["step"], **{k: v for k, v in row.items() if k != "step"}} for row in rows
+        ]
+        missing = [
+            {k: v for k, v in row.items() if k == "step" or int(row["step"]) not in held[k]}
+            for row in missing
+        ]
+        missing = [row for row in missing if len(row) > 1]
+        self.log_steps(missing)
+        return sum(len(row) - 1 for row in missing)
 
     def log_dict(self, values: Mapping[str, Any], name: str) -> None:
-        retrying(self.client.log_dict)(self.run_id, dict(values), name)
+        self._client_call("log_dict", self.run_id, dict(values), name)
 
     def log_dataset(self, frame: Any, name: str, source: str, digest: str, context: str) -> None:
         """``frame`` as an MLflow dataset input of the run (the Datasets column), named and
@@ -370,7 +478,11 @@ class Run:
         entity = DatasetInput(
             dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         )
-        retrying(self.client.log_inputs)(self.run_id, datasets=[entity])
+        self._client_call("log_inputs", self.run_id, datasets=[entity])
+
+    def logged(self, stage: str) -> None:
+        """Mark the run's logging by ``stage`` complete (:data:`LOGGED_TAG`): the last call."""
+        self.set_tags({LOGGED_TAG: stage})
 
 
 @contextlib.contextmanager
@@ -394,18 +506,41 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 @contextlib.contextmanager
 def start_run(
-    experiment: Mapping[str, str], key: str, run_name: str, tags: Mapping[str, str]
-) -> Iterator[Run]:
+    experiment: Mapping[str, str],
+    key: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    best_effort: bool = True,
+    start_time: int | None = None,
+    end_time: Callable[[], int | None] = lambda: None,
+    run_id: str | None = None,
+) -> Iterator[TrackedRun]:
     """A new run of ``key`` in ``experiment``, replacing (ending, tagging and deleting) any
-    earlier run of the same key and workspace; ended FINISHED, or FAILED when the block raises,
-    or KILLED when it is interrupted."""
-    client = _client(experiment["tracking_uri"])
-    all_tags = {**tags, KEY_TAG: key, WORKSPACE_TAG: experiment["workspace"]}
-    created = retrying(client.create_run)(
-        experiment["experiment_id"], run_name=run_name, tags=all_tags
-    )
-    run = Run(client, created.info.run_id)
-    _supersede(client, experiment, key, run.run_id)
+    earlier run of the same key and workspace; ended FINISHED (at ``end_time()``, epoch ms,
+    or now), or FAILED when the block raises, or KILLED when it is interrupted. A job's run is
+    ``best_effort`` (:class:`TrackedRun`): a store that does not answer costs its record, not
+    the job.
+
+    With ``run_id`` (a job resuming from its checkpoint), that run is opened again (RUNNING
+    once more, its metrics kept; ``reopened`` is True) if it is a live run of ``key`` in this
+    workspace; otherwise a new run starts as above (``reopened`` False)."""
+    run = TrackedRun(None, "", experiment["tracking_uri"], best_effort)
+    run.client = run.call(_client, run.tracking_uri)
+    if run_id and run.call(_reopen, run.client, experiment, key, run_id):
+        run.run_id, run.reopened = run_id, True
+    if not run.run_id:
+        all_tags = {**tags, KEY_TAG: key, WORKSPACE_TAG: experiment["workspace"]}
+        created = run._client_call(
+            "create_run",
+            experiment["experiment_id"],
+            run_name=run_name,
+            tags=all_tags,
+            start_time=start_time,
+        )
+        if created is not None:
+            run.run_id = created.info.run_id
+    if run.run_id:
+        run.call(_supersede, run.client, experiment, key, run.run_id)
     status = "FINISHED"
     try:
         with _stop_on_sigterm():
@@ -417,7 +552,36 @@ def start_run(
         status = "FAILED"
         raise
     finally:
-        retrying(client.set_terminated)(run.run_id, status)
+        if run.run_id:
+            try:
+                run._client_call("set_terminated", run.run_id, status, end_time())
+            except Exception:
+                if status == "FINISHED":
+                    raise
+                log.warning("could not mark MLflow run %s %s", run.run_id, status, exc_info=True)
+
+
+def _reopen(client: Any, experiment: Mapping[str, str], key: str, run_id: str) -> bool:
+    """Set the run ``run_id`` RUNNING again, if it exists, is not deleted and is ``key``'s in
+    this workspace; whether it did."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = retrying(client.get_run)(run_id)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # the store, not the run, is the problem
+        return False
+    tags = found.data.tags
+    if (
+        found.info.lifecycle_stage != "active"
+        or tags.get(KEY_TAG) != key
+        or tags.get(WORKSPACE_TAG) != experiment["workspace"]
+    ):
+        return False
+    retrying(client.update_run)(run_id, status="RUNNING")
+    log.info("MLflow run %s (%s, was %s) reopened", run_id, key, found.info.status)
+    return True
 
 
 def _supersede(client: Any, experiment: Mapping[str, str], key: str, current: str) -> None:
@@ -470,11 +634,20 @@ def log_flavor_model(
     return str(info.model_uri)
 
 
-def register_champion(
-    tracking_uri: str, name: str, model_uri: str, run_id: str, description: str
-) -> int:
-    """Register ``model_uri`` as a version of the registered model ``name`` (once: a version
-    of the same run is reused) and point its ``champion`` alias at it; returns the version."""
+def logged_model_uri(tracking_uri: str, run_id: str) -> str | None:
+    """The ``models:/...`` URI of the model logged in run ``run_id`` (None if it has none)."""
+    client = _client(tracking_uri)
+    run = retrying(client.get_run)(run_id)
+    found = retrying(client.search_logged_models)(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return str(found[0].model_uri) if found else None
+
+
+def register_champion(tracking_uri: str, name: str, run_id: str, description: str) -> int | None:
+    """Register the model logged in run ``run_id`` as a version of the registered model
+    ``name`` (once: a version of the same run is reused) and point its ``champion`` alias at
+    it; returns the version (None when the run logged no model)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)  # the registry resolves models:/ URIs through it
@@ -487,6 +660,10 @@ def register_champion(
     if versions:
         version = versions[0]
     else:
+        model_uri = logged_model_uri(tracking_uri, run_id)
+        if model_uri is None:
+            log.warning("MLflow run %s logged no model: nothing to register as %s", run_id, name)
+            return None
         # register_model links the version to the logged model (a tracking server needs that)
         version = retrying(mlflow.register_model)(model_uri, name)
         retrying(client.update_model_version)(name, version.version, description)
@@ -526,13 +703,16 @@ def source_tags(stage: str, description: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def system_metrics(run_id: str, tracking_uri: str, interval: float = 10.0) -> Iterator[None]:
-    """CPU, memory, disk (and GPU, where there is one) sampled into the run while the block
-    runs (MLflow's ``system/...`` metrics)."""
+def system_metrics(run: TrackedRun, interval: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk (and GPU, where there is one) sampled into ``run`` while the block
+    runs (MLflow's ``system/...`` metrics); nothing where the run has no store."""
+    if not run.run_id or run.failure is not None:
+        yield
+        return
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, interval, tracking_uri=tracking_uri)
+        monitor = SystemMetricsMonitor(run.run_id, interval, tracking_uri=run.tracking_uri)
         monitor.start()
     except Exception as err:  # no psutil, or the monitor cannot start: train anyway
         log.warning("no system metrics for this run: %s", err)
@@ -541,9 +721,24 @@ def system_metrics(run_id: str, tracking_uri: str, interval: float = 10.0) -> It
     try:
         yield
     finally:
-        monitor.finish()
+        try:
+            monitor.finish()
+        except Exception as err:  # its store went away: the run's record is rebuilt later
+            log.warning("system metrics not finished: %s", failure_text(err))
 
 
-def existing_run(experiment: Mapping[str, str], run_id: str) -> Run:
-    """A run made earlier (by ``finetune``), to log more into without reopening it."""
-    return Run(_client(experiment["tracking_uri"]), run_id)
+def existing_run(experiment: Mapping[str, str], run_id: str) -> TrackedRun:
+    """A run made earlier (by ``finetune``), to log more into without reopening it, best
+    effort (:class:`TrackedRun`). Without an id (its training could not reach the store) it logs
+    nothing: the next workflow run logs the whole run from its files."""
+    run = TrackedRun(None, run_id, experiment["tracking_uri"], best_effort=True)
+    if not run_id:
+        run.failure = "no MLflow run id"
+        log.warning(
+            "this run has no MLflow run (its training could not reach %s): the next snakemake "
+            "logs it from its files",
+            run.tracking_uri,
+        )
+        return run
+    run.client = run.call(_client, run.tracking_uri)
+    return run

@@ -1,41 +1,107 @@
-"""Fine-tuning under a freeze plan: cross-entropy, the configured optimizer over the plan's
-parameter groups, the strategy's lr schedule (warm-up then linear decay unless its kind says
-otherwise), validation after every epoch, best checkpoint kept; the ``finetune`` stage.
+"""The training loop: a model fine-tuned under a freeze plan with cross-entropy, the configured
+optimizer over the plan's parameter groups, the strategy's lr schedule (warm-up then linear decay
+unless its kind says otherwise), validation after every epoch, and the best epoch's weights kept.
 
-The loop knows no strategy kind by name: what a kind does beyond its plan comes from its
-training hooks (:mod:`adaptune.strategies`), and which tensors train in which epoch is the plan.
+:func:`train` runs it; :class:`TrainingLoop` is its state, in three parts a reader can take one
+at a time: setup (``__init__``: groups, optimizer, schedule, hooks, examples, the frozen-prefix
+cache), one epoch of optimizer steps (:meth:`TrainingLoop.run_epoch`) and validation
+(:meth:`TrainingLoop.validate`). The loop knows no strategy kind by name: what a kind does beyond
+its plan comes from its training hooks (:mod:`adaptune.strategies`), and which tensors train in
+which epoch is the plan. The ``finetune`` stage around it is :mod:`adaptune.finetune`.
+
+All the state of a run lives on its :class:`TrainingLoop`; :meth:`TrainingLoop.state_dict` and
+:meth:`TrainingLoop.load_state_dict` are what a checkpoint saves and a resumed run takes back
+(:mod:`adaptune.checkpoints`), at an epoch's end or within an epoch, so that the continuation
+draws the same batches and random numbers as a run never stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
+import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaptune import distributed, modalities, strategies, tracking
-from adaptune.data import loader, read_data_info, read_split
+from adaptune import distributed, memory, strategies
+from adaptune.checkpoints import Checkpoints, StopRequest
+from adaptune.devices import autocast
+from adaptune.errors import ConfigError
 from adaptune.evaluation import classification_metrics, predict
-from adaptune.modalities import Examples, TaskModel
-from adaptune.optim import apply_plan, build_optimizer, param_groups
+from adaptune.memory import checkpointed_blocks, out_of_memory
+from adaptune.modalities import Batch, TaskModel, loader
+from adaptune.optim import MasterWeights, apply_plan, build_optimizer, param_groups, state_bytes
 from adaptune.plans import Plan
-from adaptune.prefix import Boundary, PrefixCache, find_boundary
-from adaptune.runtime import autocast, seed_everything
-from adaptune.settings import ModelSettings, TrainSettings, write_settings
-from adaptune.strategies import Run
+from adaptune.prefix import PrefixCache, PrefixState
+from adaptune.settings import TrainSettings
+from adaptune.strategies import TrainingContext
 
 log = logging.getLogger(__name__)
+
+FEW_STEPS = 20  # fewer optimizer steps than this in a run: its result says little
+
+
+@dataclass
+class TrainResult:
+    """What a run did: its history (a row per epoch), what trained, its best epoch, its
+    training seconds, where it stopped (``stopped_epoch``: the last epoch it ran, fewer than
+    planned when early stopping stopped it; ``seconds_saved``: the epochs it skipped, at its
+    mean epoch time), the most its optimizer state held, its peak memory, and what its
+    strategy decided while it ran."""
+
+    history: pd.DataFrame
+    trainable_params: int
+    best_epoch: int
+    best_val_macro_f1: float
+    train_seconds: float
+    optimizer_groups: int
+    warnings: list[str] = field(default_factory=list)
+    stopped_epoch: int = 0
+    seconds_saved: float = 0.0
+    optimizer_state_bytes: int = 0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    # What the strategy's hooks decided during the run (:meth:`TrainingHooks.record`).
+    strategy_record: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The state of every random number generator a training step may draw from: Python's,
+    NumPy's and torch's (the device's too, on CUDA), as tensors and plain values."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`."""
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def set_frozen_batchnorm_eval(model: nn.Module) -> None:
@@ -48,121 +114,6 @@ def set_frozen_batchnorm_eval(model: nn.Module) -> None:
                 module.eval()
 
 
-@dataclass
-class TrainResult:
-    history: pd.DataFrame
-    trainable_params: int
-    best_epoch: int
-    best_val_macro_f1: float
-    train_seconds: float
-    optimizer_groups: int
-    warnings: list[str]
-
-
-def cache_limit_bytes() -> int:
-    """Memory the frozen-prefix cache may hold (the rest goes to disk): a quarter of what is
-    available, at most 2 GB."""
-    return int(min(2e9, 0.25 * psutil.virtual_memory().available))
-
-
-class PrefixState:
-    """The frozen-prefix cache of a run, kept while the boundary stays where it is and rebuilt
-    when a layer thaws (gradual unfreezing, the end of a probe)."""
-
-    def __init__(
-        self,
-        task: TaskModel,
-        settings: TrainSettings,
-        train: Examples,
-        val: Examples,
-        device: torch.device,
-    ) -> None:
-        self.task, self.settings, self.device = task, settings, device
-        self.train, self.val = train, val
-        self.cache: PrefixCache | None = None
-        self.enabled = settings.feature_cache == "auto"
-        if self.enabled and settings.augment:
-            log.info("feature cache off: augmented training examples differ every epoch")
-            self.enabled = False
-
-    def refresh(self) -> PrefixCache | None:
-        """The cache for the model's frozen prefix as it is now (None: run everything)."""
-        if not self.enabled:
-            return None
-        boundary = find_boundary(self.task.model, self.task.head)
-        if self.cache is not None and boundary == self.cache.boundary:
-            return self.cache
-        self.close()
-        if boundary is None:
-            return None
-        if self.settings.frozen_batchnorm == "train" and self._has_batchnorm(boundary):
-            log.info("feature cache off: frozen BatchNorm layers train (frozen_batchnorm: train)")
-            return None
-        start = time.perf_counter()
-        cache = PrefixCache(self.task, boundary, cache_limit_bytes())
-        try:
-            batch_size = self.settings.eval_batch_size
-            for split, examples in (("train", self.train), ("val", self.val)):
-                if split == "val" and self.val is self.train:
-                    cache.stores["val"] = cache.stores["train"]  # captured once
-                    continue
-                batches = loader(examples, batch_size, by_length=True)
-                cache.capture(split, batches, len(examples), self.device)
-            problem = self._check(cache)
-        except (RuntimeError, ValueError, MemoryError, OSError) as err:
-            problem = f"{type(err).__name__}: {err}"
-        if problem:
-            log.warning("feature cache off: %s; every step runs the whole network", problem)
-            cache.close()
-            self.enabled = False
-            return None
-        stores = {id(store): store for store in cache.stores.values()}.values()
-        log.info(
-            "feature cache: every layer below %s frozen; the inputs of %s cached for %s "
-            "examples in %.1f s (%.0f MB in memory)",
-            boundary.layer,
-            boundary.inject,
-            len(self.train) if len(stores) == 1 else f"{len(self.train)} + {len(self.val)}",
-            time.perf_counter() - start,
-            sum(store.used for store in stores) / 1e6,
-        )
-        self.cache = cache
-        return cache
-
-    def _has_batchnorm(self, boundary: Boundary) -> bool:
-        model = self.task.model
-        return any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for path in (*boundary.removed, *boundary.passed)
-            for m in model.get_submodule(path).modules()
-        )
-
-    @torch.no_grad()
-    def _check(self, cache: PrefixCache) -> str | None:
-        """Compare the cached forward with the full one on a batch of validation examples."""
-        batch = next(iter(loader(self.val, min(len(self.val), 8))))
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        model = self.task.model
-        was_training = model.training
-        model.eval()
-        try:
-            full = self.task.logits(batch).float()
-            with cache.replaying():
-                cache.current = cache.features("val", batch, self.device)
-                cached = self.task.logits(batch).float()
-        finally:
-            model.train(was_training)
-        if full.shape != cached.shape or not torch.allclose(full, cached, rtol=1e-4, atol=1e-5):
-            gap = (full - cached).abs().max() if full.shape == cached.shape else "shape"
-            return f"the cached and the full forward disagree ({gap})"
-        return None
-
-    def close(self) -> None:
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
-
-
 def step_loss(
     logits: torch.Tensor, labels: torch.Tensor, global_count: int, world: distributed.World
 ) -> torch.Tensor:
@@ -173,9 +124,6 @@ def step_loss(
         return nn.functional.cross_entropy(logits.float(), labels)
     summed = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
     return summed * distributed.loss_weight(global_count, world)
-
-
-FEW_STEPS = 20  # fewer optimizer steps than this in a run: its result says little
 
 
 def training_warnings(steps: int, final_train_loss: float, num_labels: int) -> list[str]:
@@ -197,154 +145,350 @@ def training_warnings(steps: int, final_train_loss: float, num_labels: int) -> l
     return warnings
 
 
-def finetune(
-    task: TaskModel,
-    plan: Plan,
-    train: pd.DataFrame,
-    val: pd.DataFrame,
-    settings: TrainSettings,
-    seed: int,
-    info: Mapping[str, Any],
-    device: torch.device,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    workers: int = 0,
-    on_steps: Callable[[list[dict[str, float]]], None] | None = None,
-    restore_best: bool = True,
-) -> TrainResult:
-    """Train ``task.model`` in place under ``plan``; on return it holds the weights of the epoch
-    with the best validation macro-F1 (ties: the earlier epoch), or with ``restore_best=False``
-    those of the last epoch (a probe trained for a set number of epochs).
+def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy on the CPU, whole (a DTensor's shards gathered)."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu", copy=True)
 
-    Only trainable tensors are copied for the best checkpoint: frozen ones never change. With
-    ``settings.frozen_batchnorm == "eval"``, BatchNorm layers whose parameters are all frozen
-    stay in eval mode, so their running statistics stay the pretrained ones too. Where the
-    bottom of the network is frozen, it is computed once (:mod:`adaptune.prefix`). ``workers``
-    processes prepare the training batches. In a process group (:mod:`adaptune.distributed`),
-    each process trains on its slice of every global batch of ``settings.batch_size``, DDP
-    averages the gradients, and rank 0 validates; every rank returns the same result.
-    ``on_epoch`` receives each epoch's row of the history; ``on_steps``, after each epoch, its
-    optimizer steps (``step`` counted over the run, ``train_loss_step``, and ``lr``: the base
-    rate that step used).
+
+def optimizer_state_on_cpu(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with its state tensors whole and on the CPU."""
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        index: {k: to_cpu(v) if torch.is_tensor(v) else v for k, v in values.items()}
+        for index, values in saved["state"].items()
+    }
+    return saved
+
+
+def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``value`` (from a checkpoint) as ``target`` holds it: on its device, in
+    its dtype, and under FSDP as its shard of this rank (a DTensor placed like ``target``)."""
+    value = value.to(target.device, target.dtype)
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Each rank read the whole tensor: it keeps its shard, with no communication.
+        return distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    return value
+
+
+def optimizer_state_like(saved: dict[str, Any], stepped: list[torch.Tensor]) -> dict[str, Any]:
+    """:func:`optimizer_state_on_cpu`'s state as the optimizer over ``stepped`` (in its order,
+    which the state's indices follow) holds it: shards under FSDP, as they are otherwise."""
+    if not any(hasattr(t, "device_mesh") for t in stepped):
+        return saved
+    state = {
+        index: {
+            k: like(v, stepped[int(index)]) if torch.is_tensor(v) and v.dim() else v
+            for k, v in values.items()
+        }
+        for index, values in saved["state"].items()
+    }
+    return {**saved, "state": state}
+
+
+# What a strategy's hooks may do that FSDP's shards do not allow: add tensors, read or change
+# gradients, weights or optimizer state.
+ACTING_HOOKS = ("extra_groups", "start", "on_step_start", "before_step", "after_step", "finish")
+
+
+def check_shardable(hooks: strategies.TrainingHooks, settings: TrainSettings) -> None:
+    """Refuse ``train.sharding: fsdp`` for what it cannot serve, naming the fix: hooks that act
+    on tensors (each rank holds a shard of each), and bf16 weights with fp32 masters."""
+    base = strategies.TrainingHooks
+    acting = [n for n in ACTING_HOOKS if getattr(type(hooks), n) is not getattr(base, n)]
+    if acting:
+        raise ConfigError(
+            f"train.sharding = 'fsdp': this strategy's training hooks act on tensors "
+            f"({', '.join(acting)}), which FSDP splits over the processes; use train.sharding: "
+            "ddp for this strategy (its train: block)"
+        )
+    if settings.weight_precision == "bf16":
+        raise ConfigError(
+            "train.sharding = 'fsdp' with train.weight_precision = 'bf16' is not supported; "
+            "use weight_precision fp32 (precision bf16 still computes in bfloat16)"
+        )
+
+
+class TrainingLoop:
+    """The state of one fine-tuning run of ``task.model`` under ``plan``.
+
+    Setup (here) applies the plan, builds the parameter groups (:mod:`adaptune.optim`), the
+    optimizer and the strategy's schedule, starts its hooks, and makes the examples: the
+    training split's (augmented from ``seed``) and the validation split's (the same object when
+    a run validates on its own training split, as the head probe does, so it is cached once).
+    In a process group (:mod:`adaptune.distributed`) each process trains on its slice of every
+    global batch of ``settings.batch_size``, DDP averages the gradients, and rank 0 validates.
     """
-    seed_everything(seed)
-    world = distributed.current()
-    model = task.model
-    model.to(device)
-    hooks = strategies.hooks_for(plan, settings)
-    run = Run(task, plan, train, info, settings, device)
-    groups = param_groups(
-        model,
-        plan,
-        settings.weight_decay,
-        settings.decay_norm_and_bias,
-        per_tensor=hooks.per_tensor_groups,
-    )
-    groups += hooks.extra_groups(run)
-    optimizer = build_optimizer(groups, settings)
-    steps_per_epoch = -(-len(train) // settings.batch_size)
-    schedule = hooks.schedule(steps_per_epoch * settings.epochs, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    run.optimizer, run.scheduler, run.groups = optimizer, scheduler, groups
-    hooks.start(run)
-    replicas = distributed.Replicas(model, world, device)
-    trainable = [p for g in groups for p in g["params"]]
-    log.info(
-        "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s%s",
-        len(groups),
-        len(trainable),
-        steps_per_epoch,
-        device,
-        f" x {world.size} processes" if world.size > 1 else "",
-    )
-    train_examples = task.modality.examples(train, info, settings.augment, seed)
-    # Validating on the training split itself (a probe): one set of examples, cached once.
-    same = val is train and not settings.augment
-    val_examples = train_examples if same else task.modality.examples(val, info)
-    prefix = PrefixState(task, settings, train_examples, val_examples, device)
-    generator = torch.Generator().manual_seed(seed)
-    labels = val["label_id"].to_numpy()
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, list[torch.Tensor]] | None = None
-    train_seconds = 0.0
-    for epoch in range(1, settings.epochs + 1):
-        if plan.totals["scheduled_tensors"]:
-            apply_plan(model, plan, epoch)
-            log.info("epoch %d: %d tensors train", epoch, sum(p.requires_grad for p in trainable))
-        start = time.perf_counter()  # training time includes building the frozen-prefix cache
-        cache = prefix.refresh()
+
+    def __init__(
+        self,
+        task: TaskModel,
+        plan: Plan,
+        train: pd.DataFrame,
+        val: pd.DataFrame,
+        settings: TrainSettings,
+        seed: int,
+        device: torch.device,
+        workers: int = 0,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
+        seed_everything(seed)
+        self.task, self.plan, self.settings, self.device = task, plan, settings, device
+        self.world = distributed.current()
+        self.workers = workers
+        self.hooks = strategies.hooks_for(plan, settings)
+        sharding = settings.sharding if self.world.size > 1 else "ddp"
+        if sharding == "fsdp":
+            check_shardable(self.hooks, settings)
+            settings = dataclasses.replace(settings, feature_cache="off")
+        else:
+            # bf16 weights: the whole model in bfloat16; trainable tensors keep fp32 masters.
+            task.model.to(device, torch.bfloat16 if settings.weight_precision == "bf16" else None)
+        # FSDP shards the model (onto the device) before the optimizer is built over its
+        # parameters; DDP wraps it at the first step.
+        self.replicas = distributed.Replicas(task.model, self.world, device, sharding, task.head)
+        self.context = TrainingContext(task, plan, train, settings, device)
+        groups = param_groups(
+            task.model,
+            plan,
+            settings.weight_decay,
+            settings.decay_norm_and_bias,
+            per_tensor=self.hooks.per_tensor_groups,
+        )
+        self.groups = groups + self.hooks.extra_groups(self.context)
+        self.trainable = [p for g in self.groups for p in g["params"]]
+        self.masters = MasterWeights(self.groups) if settings.weight_precision == "bf16" else None
+        stepped = self.masters.groups if self.masters else self.groups
+        # The tensors the optimizer steps: the trainable ones, or their fp32 masters.
+        self.stepped = [p for g in stepped for p in g["params"]]
+        self.optimizer = build_optimizer(stepped, settings)
+        self.train_count = len(train)
+        self.steps_per_epoch = -(-len(train) // settings.batch_size)
+        schedule = self.hooks.schedule(self.steps_per_epoch * settings.epochs, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.context.optimizer, self.context.scheduler = self.optimizer, self.scheduler
+        self.context.groups = self.groups
+        self.hooks.start(self.context)
+        self.checkpointing = checkpointed_blocks(
+            task.model, task.head, settings.gradient_checkpointing
+        )
+        self.checkpointing.__enter__()
+        modality = task.modality
+        self.train_examples = modality.examples(train, settings.augment, seed)
+        same = val is train and not settings.augment
+        self.val_examples = self.train_examples if same else modality.examples(val)
+        self.val_labels = val["label_id"].to_numpy()
+        self.prefix = PrefixState(task, settings, self.train_examples, self.val_examples, device)
+        if self.hooks.switches_within_epoch and self.prefix.enabled:
+            log.info("feature cache off: %s changes what trains within an epoch", plan.kind)
+            self.prefix.enabled = False
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None
+        self.train_seconds = 0.0
+        self.num_labels = 0
+        self.global_step = 0
+        self.state_bytes = 0
+        self.throughput: dict[str, float] = {}
+        self.checkpoints = checkpoints
+        self.stop = StopRequest()
+        # Patience counts from the epoch the plan's last tensor starts to train: earlier
+        # epochs are phases (a probe, frozen epochs, thaws), not a plateau.
+        self.last_phase = max((t.unfreeze_epoch for t in plan.tensors if not t.frozen), default=1)
+        memory.reset_peak(device)
+        log.info(
+            "%d optimizer group(s), %d trainable tensors, %d steps per epoch on %s%s",
+            len(self.groups),
+            len(self.trainable),
+            self.steps_per_epoch,
+            device,
+            f" x {self.world.size} processes" if self.world.size > 1 else "",
+        )
+
+    # --- one epoch ------------------------------------------------------------------------
+
+    def run_epoch(
+        self, epoch: int, partial: dict[str, Any] | None = None
+    ) -> list[dict[str, float]]:
+        """One pass over the training split; returns its optimizer steps (``step`` counted
+        over the run, ``train_loss_step``, and ``lr``: the base rate that step used). The time
+        it takes, the frozen-prefix cache's building included, counts as training time.
+        ``partial`` is the part of the epoch a checkpoint within it saved: its steps are not
+        run again, and the random state continues from the checkpoint's."""
+        if self.plan.totals["scheduled_tensors"]:
+            apply_plan(self.task.model, self.plan, epoch)
+            trains = sum(p.requires_grad for p in self.trainable)
+            log.info("epoch %d: %d tensors train", epoch, trains)
+        start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+        if partial:
+            # The epoch's order is drawn from the shuffle's state at the epoch's start.
+            self.generator.set_state(partial["generator"])
+        self.epoch_generator = self.generator.get_state()
+        cache = self.prefix.refresh()
+        model = self.task.model
         model.train()
-        if settings.frozen_batchnorm == "eval":
+        if self.settings.frozen_batchnorm == "eval":
             set_frozen_batchnorm_eval(model)
-        replica = replicas.sync()
-        losses, rates = [], []
-        train_examples.set_epoch(epoch)
-        epoch_batches = loader(
-            train_examples,
-            settings.batch_size,
-            shuffle=True,
-            generator=generator,
-            workers=workers,
-            pin_memory=device.type == "cuda",
-            shard=(lambda rows: distributed.shard(rows, world)) if world.size > 1 else None,
+        self.train_examples.set_epoch(epoch)
+        world = self.world
+        first = partial["steps_done"] if partial else 0
+        batches = iter(
+            loader(
+                self.train_examples,
+                self.settings.batch_size,
+                shuffle=True,
+                generator=self.generator,
+                workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                shard=(lambda rows: distributed.shard(rows, world)) if world.size > 1 else None,
+                start=first,
+            )
+        )
+        steps = list(partial["rows"]) if partial else []
+        if partial:
+            set_rng_state(partial["rng"], self.device)  # after the loader drew its seed
+        progress = tqdm(
+            batches,
+            total=self.steps_per_epoch,
+            initial=first,
+            desc=f"epoch {epoch}",
+            mininterval=10,
         )
         with cache.replaying() if cache else contextlib.nullcontext():
-            for step, batch in enumerate(
-                tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch}", mininterval=10)
-            ):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if cache is not None:
-                    cache.current = cache.features("train", batch, device)
-                with autocast(device, settings.precision):
-                    logits = task.modality.forward(replica, batch)
-                global_count = min(settings.batch_size, len(train) - step * settings.batch_size)
-                loss = step_loss(logits, batch["labels"], global_count, world)
-                optimizer.zero_grad(set_to_none=True)
+            for step, batch in enumerate(progress, start=first):
+                steps.append(self.step(batch, cache, step))
+                if self.checkpoint_due(last=step + 1 == self.steps_per_epoch):
+                    seconds = time.perf_counter() - start
+                    self.save_checkpoint(epoch, step + 1, steps, seconds)
+                    self.stop_if_asked()
+        # Under DDP each rank's loss is its share of the global batch's mean times the ranks;
+        # its tokens are its own.
+        losses = distributed.all_sum([s["train_loss_step"] for s in steps], world, self.device)
+        tokens = distributed.all_sum([s.pop("tokens") for s in steps], world, self.device)
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        self.throughput = {"train_examples_per_second": self.train_count / seconds}
+        if sum(tokens):
+            self.throughput["train_tokens_per_second"] = sum(tokens) / seconds
+        for row, loss in zip(steps, losses, strict=True):
+            row["train_loss_step"] = loss / world.size
+        return steps
+
+    def step(self, batch: Batch, cache: PrefixCache | None, step: int) -> dict[str, float]:
+        """One optimizer step on a batch (``step``: its place in the epoch); returns its row:
+        ``step`` (counted over the run), ``train_loss_step``, ``lr`` (the base rate it used),
+        ``grad_norm`` (of the gradient it applied, before clipping) and ``tokens`` (the real
+        tokens of its texts, 0 for images)."""
+        settings = self.settings
+        self.hooks.on_step_start(self.global_step)
+        replica = self.replicas.sync()  # DDP wrapped again if the trainable set changed
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            for param in self.trainable:
+                param.grad = None
+        global_count = min(settings.batch_size, self.train_count - step * settings.batch_size)
+        loss = self.accumulate(replica, batch, cache, global_count)
+        if self.masters is not None:
+            self.masters.take_gradients()
+        self.hooks.before_step(first_step_of_epoch=step == 0)
+        stepped = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.get_total_norm([g for g in stepped if g is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm of the whole gradient
+            grad_norm = grad_norm.full_tensor()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                settings.max_grad_norm,
+                grad_norm,
+            )
+        self.optimizer.step()
+        if self.masters is not None:
+            self.masters.give_weights()
+        self.state_bytes = max(self.state_bytes, state_bytes(self.optimizer))
+        self.hooks.after_step(self.global_step)
+        row = {
+            "step": self.global_step + 1,  # optimizer steps taken, this one included
+            "train_loss_step": loss,
+            "lr": settings.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
+            "grad_norm": float(grad_norm),
+            "tokens": float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0,
+        }
+        self.scheduler.step()
+        self.global_step += 1
+        return row
+
+    def accumulate(
+        self, replica: nn.Module, batch: Batch, cache: PrefixCache | None, global_count: int
+    ) -> float:
+        """Forward and backward passes over ``batch`` in ``train.accumulate_steps``
+        micro-batches, their gradients summed; each micro-batch's loss is weighed by its
+        examples (:func:`step_loss`), so the sum is the gradient of the whole batch's mean
+        loss however it was split. Under DDP only the last backward pass communicates.
+        Returns the batch's loss (its share on this rank, under DDP)."""
+        device, modality = self.device, self.task.modality
+        count = len(batch["labels"])
+        size = -(-count // self.settings.accumulate_steps)
+        starts = list(range(0, count, size))
+        total = 0.0
+        for start in starts:
+            micro = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if len(starts) > 1:
+                micro = modality.sub_batch(micro, start, start + size)
+            if cache is not None:
+                cache.current = cache.features("train", micro, device)
+            last = start == starts[-1]
+            # A fresh context for each use: DDP's and FSDP's are generators, good for one block.
+            syncing = contextlib.nullcontext if last else self.replicas.no_sync
+            with syncing(), autocast(device, self.settings.compute_precision):
+                logits = modality.forward(replica, micro)
+            loss = step_loss(logits, micro["labels"], global_count, self.world)
+            if self.world.size == 1 and len(starts) > 1:
+                # One process: the micro-batch's mean loss, weighed by its share of the batch.
+                loss = loss * (len(micro["labels"]) / global_count)
+            with syncing():
                 loss.backward()
-                hooks.before_step(first_step_of_epoch=step == 0)
-                if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-                optimizer.step()
-                rate = settings.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                rates.append(rate)
-        # Under DDP each rank's loss is its share of the global batch's mean times the ranks.
-        losses = [v / world.size for v in distributed.all_sum(losses, world, device)]
-        first_step = scheduler.last_epoch - len(losses) + 1
-        steps = [
-            {"step": first_step + i, "train_loss_step": loss_value, "lr": rate}
-            for i, (loss_value, rate) in enumerate(zip(losses, rates, strict=True))
-        ]
-        train_seconds += time.perf_counter() - start
-        row, classes = None, 0
-        if world.is_main:
-            val_logits = predict(
-                task,
-                val_examples,
+            total += float(loss.detach())
+        return total
+
+    # --- validation -----------------------------------------------------------------------
+
+    def validate(self, epoch: int, steps: list[dict[str, float]]) -> dict[str, float]:
+        """The epoch's row of the history: its mean training loss and, computed on rank 0 and
+        shared with every rank, the validation loss, accuracy and macro-F1."""
+        row = None
+        # Under FSDP every rank runs the forward passes (each gathers the shards of all).
+        if self.world.is_main or self.replicas.sharded:
+            settings = self.settings
+            cache = self.prefix.cache
+            logits = predict(
+                self.task,
+                self.val_examples,
                 settings.eval_batch_size,
-                info,
-                device,
-                settings.precision,
+                self.device,
+                settings.compute_precision,
                 cache,
                 "val",
             )
-            classes = int(val_logits.shape[1])
-            scores = classification_metrics(labels, val_logits.argmax(1), num_labels=classes)
+            self.num_labels = int(logits.shape[1])
+            labels = self.val_labels
+            scores = classification_metrics(labels, logits.argmax(1), self.num_labels)
+            val_loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.tensor(labels))
+        if self.world.is_main:
             row = {
                 "epoch": epoch,
-                "train_loss": float(np.mean(losses)),
-                "val_loss": float(
-                    nn.functional.cross_entropy(torch.from_numpy(val_logits), torch.tensor(labels))
-                ),
+                "train_loss": float(np.mean([s["train_loss_step"] for s in steps])),
+                "val_loss": float(val_loss),
                 "val_accuracy": scores["accuracy"],
                 "val_macro_f1": scores["macro_f1"],
                 # The base rate of the epoch's last step; each group trains at this x its
                 # multiplier.
                 "lr": steps[-1]["lr"],
-                "epoch_seconds": time.perf_counter() - start,
+                **self.throughput,
             }
-        row, classes = distributed.from_main((row, classes), world)
-        history.append(row)
+        row, self.num_labels = distributed.from_main((row, self.num_labels), self.world)
         log.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_acc %.4f val_macro_f1 %.4f",
             epoch,
@@ -353,259 +497,280 @@ def finetune(
             row["val_accuracy"],
             row["val_macro_f1"],
         )
-        if on_steps is not None:
-            on_steps(steps)
-        if on_epoch is not None:
-            on_epoch(row)
-        if best is None or row["val_macro_f1"] > best[0]:
-            best = (row["val_macro_f1"], epoch, [p.detach().clone() for p in trainable])
-    prefix.close()
-    replicas.close()
-    assert best is not None
-    if restore_best:
-        with torch.no_grad():
-            for param, saved in zip(trainable, best[2], strict=True):
-                param.copy_(saved)
-        log.info(
-            "best epoch %d (val macro-F1 %.4f); %d tensors restored",
-            best[1],
-            best[0],
-            len(trainable),
+        return row
+
+    def keep_if_best(self, row: dict[str, float]) -> None:
+        """Record the epoch's row; keep a copy of the trainable tensors if its validation
+        macro-F1 is the best so far (ties: the earlier epoch). Frozen tensors never change, so
+        only trainable ones are copied."""
+        self.history.append(row)
+        self.hooks.on_epoch_end(int(row["epoch"]), row)
+        if self.best is None or row["val_macro_f1"] > self.best[0]:
+            copies = [p.detach().clone() for p in self.stepped]
+            self.best = (row["val_macro_f1"], int(row["epoch"]), copies)
+
+    def should_stop(self, epoch: int) -> bool:
+        """Early stopping (``train.early_stopping``): no epoch since the plan's last phase
+        began (:attr:`last_phase`) beat the best before it by more than ``min_delta`` for
+        ``patience`` epochs."""
+        rule = self.settings.early_stopping
+        if not rule.enabled or epoch - self.last_phase + 1 <= rule.patience:
+            return False
+        scores = [r["val_macro_f1"] for r in self.history]
+        before = max(scores[: epoch - rule.patience])
+        recent = max(scores[epoch - rule.patience :])
+        return recent <= before + rule.min_delta
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_due(self, last: bool = False) -> bool:
+        """After an optimizer step: whether to save a checkpoint now, because SIGTERM came
+        (on any rank) or the step interval is up (not at an epoch's ``last`` step: the
+        epoch's end saves one anyway)."""
+        if self.checkpoints is None:
+            return False
+        asked = distributed.any_rank(self.stop.requested, self.world, self.device)
+        self.stop.requested = asked
+        return asked or (not last and self.checkpoints.due(self.global_step))
+
+    def stop_if_asked(self) -> None:
+        """After a checkpoint: end the job if SIGTERM asked for it."""
+        if self.stop.requested:
+            self.prefix.close()
+            self.stop.deliver()
+
+    def save_checkpoint(
+        self,
+        epoch: int,
+        steps_done: int,
+        rows: list[dict[str, float]],
+        seconds: float,
+        pending: dict[str, Any] | None = None,
+    ) -> None:
+        """Save the run's state (every rank takes part; rank 0 writes): within ``epoch``
+        after ``steps_done`` of its steps (``rows``, ``seconds`` of it so far), or after it
+        (``steps_done`` = 0) with the rows it still has to log (``pending``)."""
+        done = steps_done == 0
+        ranks = distributed.gather_on_main(
+            {"rng": rng_state(self.device), "rows": [] if done else rows}, self.world
         )
-    hooks.finish(run)
-    warnings = training_warnings(
-        steps_per_epoch * settings.epochs, history[-1]["train_loss"], classes
-    )
-    return TrainResult(
-        history=pd.DataFrame(history),
-        trainable_params=hooks.trained_params(sum(p.numel() for p in trainable)),
-        best_epoch=best[1],
-        best_val_macro_f1=best[0],
-        train_seconds=train_seconds,
-        optimizer_groups=len(groups),
-        warnings=warnings,
-    )
-
-
-def scalar_columns(frame: pd.DataFrame) -> list[str]:
-    """The columns of a prepared split that hold one number or string per example (not token
-    arrays or image bytes): what its MLflow dataset input describes."""
-    first = frame.iloc[0] if len(frame) else {}
-    return [c for c in frame.columns if not isinstance(first[c], bytes | np.ndarray | list)]
-
-
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as MLflow params: ``{"a": {"b": 1}}`` is ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-@dataclass(frozen=True)
-class RunKey:
-    """Which run this is: the workflow's wildcards."""
-
-    strategy: str
-    shots: str
-    seed: int
-
-    @property
-    def tracking_key(self) -> str:
-        """The run's key in MLflow (``adaptune.key``): one live run per key."""
-        return f"{self.strategy}/k{self.shots}/seed{self.seed}"
-
-
-def run_finetune(
-    key: RunKey,
-    model: ModelSettings,
-    settings: TrainSettings,
-    plan_path: str,
-    train_path: str,
-    val_path: str,
-    data_info_path: str,
-    experiment_path: str,
-    artifacts: dict[str, str],
-    outputs: dict[str, str],
-    resolved: Mapping[str, Any] | None = None,
-) -> TrainResult:
-    """The ``finetune`` stage: load the pretrained model with a new head (from the run's seed),
-    apply the plan, train, and save the best checkpoint (a folder its own library loads), the
-    history, a summary and the MLflow run id. ``artifacts`` are extra files logged to the run
-    (the importance table); ``resolved`` the settings of the stages before it (``data``,
-    ``importance``), logged with the run's own as its resolved config.
-
-    Started by :func:`run_finetune_job` under ``torchrun``, every rank trains and only rank 0
-    tracks the run and writes the outputs."""
-    resolved = resolved or {}
-    info = read_data_info(data_info_path)
-    plan = Plan.load(plan_path)
-    world = distributed.current()
-    device = distributed.device_for(settings.device, world)
-    modality = modalities.get(info)
-    task = modality.load_pretrained(model, info["labels"], key.seed, info)
-    if not world.is_main:
-        train_frame, val_frame = read_split(train_path), read_split(val_path)
-        return finetune(task, plan, train_frame, val_frame, settings, key.seed, info, device)
-    experiment = tracking.read_experiment(experiment_path)
-    run_name = f"{key.strategy}-k{key.shots}-seed{key.seed}"
-    description = (
-        f"{model.name} fine-tuned with strategy {key.strategy!r} ({plan.kind}) on "
-        f"{key.shots} examples per class of {info['source']}, seed {key.seed}; "
-        f"{plan.totals['trainable_tensors']} of {plan.totals['tensors']} tensors train."
-    )
-    tags = {
-        "strategy": key.strategy,
-        "shots": key.shots,
-        "seed": str(key.seed),
-        # the seeds of one strategy and shot count: group the runs table by this tag
-        "adaptune.group": f"{key.strategy}/k{key.shots}",
-        "data_fingerprint": info["fingerprint"],
-        "stage": "finetune",
-        **tracking.source_tags("finetune", description),
-    }
-    config = {
-        "model": vars(model),
-        "data": {**resolved.get("data", {}), "shots": key.shots},
-        "importance": resolved.get("importance", {}),
-        "strategy": {"name": key.strategy, "kind": plan.kind, **plan.settings},
-        "train": {**vars(settings), "device": str(device), "seed": key.seed},
-    }
-    with (
-        tracking.start_run(experiment, key.tracking_key, run_name, tags) as run,
-        tracking.system_metrics(run.run_id, experiment["tracking_uri"]),
-    ):
-        Path(outputs["run_id"]).write_text(run.run_id + "\n")
-        run.log_params(
-            {
-                "model": model.name,
-                "strategy": key.strategy,
-                "plan_kind": plan.kind,
-                "shots": key.shots,
-                "seed": key.seed,
-                "data_source": info["source"],
-                "modality": info["modality"],
-                **({"max_length": info["max_length"]} if "max_length" in info else {}),
-                **({"model_weights": model.weights} if model.weights else {}),
-                **({"input_size": info["transform"]["input_size"]} if "transform" in info else {}),
-                **vars(settings),
-                "device": str(device),  # what ran, not what was asked for ("auto")
-                **flatten({k: config[k] for k in ("data", "importance", "strategy")}),
-            }
+        # Under FSDP every rank takes part in gathering the shards; under DDP rank 0's suffice.
+        state = self.state_dict() if self.world.is_main or self.replicas.sharded else {}
+        if not self.world.is_main or self.checkpoints is None:
+            return
+        state.update(
+            epoch=epoch,
+            epoch_done=done,
+            steps_done=steps_done,
+            seconds=seconds,
+            generator=self.generator.get_state() if done else self.epoch_generator,
+            ranks=ranks,
+            pending=pending or {},
         )
-        run.log_dict(config, "config.json")
-        train_frame, val_frame = read_split(train_path), read_split(val_path)
-        for frame, context in ((train_frame, "train"), (val_frame, "validation")):
-            run.log_dataset(
-                frame[scalar_columns(frame)],
-                name=f"{info['source']} {context} k{key.shots}",
-                source=info["source"],
-                digest=info["fingerprint"],
-                context=context,
-            )
-        result = finetune(
-            task,
-            plan,
-            train_frame,
-            val_frame,
-            settings,
-            key.seed,
-            info,
-            device,
-            on_epoch=lambda row: run.log_metrics(
-                {k: v for k, v in row.items() if k not in ("epoch", "lr")}, step=int(row["epoch"])
-            ),
-            on_steps=run.log_steps,
-        )
-        for warning in result.warnings:
-            log.warning("%s", warning)
-        if result.warnings:
-            run.set_tags({"adaptune.warnings": " | ".join(result.warnings)})
-        modality.save(task, outputs["model"], model, info)
-        model_uri = modality.log_model(
-            outputs["model"], run.run_id, experiment["tracking_uri"], train_frame.head(2)
-        )
-        result.history.to_csv(outputs["history"], index=False)
-        summary = {
-            "strategy": key.strategy,
-            "shots": key.shots,
-            "seed": key.seed,
-            "model": model.name,
-            "trainable_params": result.trainable_params,
-            "trainable_fraction": result.trainable_params / plan.totals["params"],
-            "train_seconds": result.train_seconds,
-            "best_epoch": result.best_epoch,
-            "best_val_macro_f1": result.best_val_macro_f1,
-            "optimizer_groups": result.optimizer_groups,
-            "device": str(device),
-            "mlflow_run_id": run.run_id,
-            "mlflow_model_uri": model_uri,
-            "warnings": result.warnings,
+        self.checkpoints.save(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the run holds that changes as it trains, on the CPU: the trainable tensors
+        (by name) and the model's buffers (BatchNorm statistics), the fp32 masters, the
+        optimizer, the schedule, the strategy's hooks, the history, the best epoch's copies,
+        the step count and the time and memory counted so far."""
+        names = [n for g in self.groups for n in g["names"]]
+        best = None
+        if self.best is not None:
+            best = [self.best[0], self.best[1], [to_cpu(t) for t in self.best[2]]]
+        return {
+            "trainable": {n: to_cpu(p) for n, p in zip(names, self.trainable, strict=True)},
+            "buffers": {n: to_cpu(b) for n, b in self.task.model.named_buffers()},
+            "masters": [to_cpu(m) for m in self.stepped] if self.masters else None,
+            "optimizer": optimizer_state_on_cpu(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "hooks": self.hooks.state_dict(),
+            "history": self.history,
+            "best": best,
+            "global_step": self.global_step,
+            "train_seconds": self.train_seconds,
+            "state_bytes": self.state_bytes,
+            "num_labels": self.num_labels,
         }
-        Path(outputs["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
-        # What actually trained (LoRA adapters, ChildTuning-D's share), known after training.
-        run.log_params(
-            {
-                "trainable_params": summary["trainable_params"],
-                "trainable_fraction": round(summary["trainable_fraction"], 6),
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Take back a checkpoint's state; returns the epoch to run next and, for a
+        checkpoint within an epoch, that epoch's saved part (for :meth:`run_epoch`)."""
+        names = [n for g in self.groups for n in g["names"]]
+        for name, param in zip(names, self.trainable, strict=True):
+            param.copy_(like(state["trainable"][name], param))
+        buffers = dict(self.task.model.named_buffers())
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value)
+        if self.masters is not None:
+            for master, value in zip(self.stepped, state["masters"], strict=True):
+                master.copy_(value)
+        self.optimizer.load_state_dict(optimizer_state_like(state["optimizer"], self.stepped))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.hooks.load_state_dict(state["hooks"])
+        self.history = list(state["history"])
+        if state["best"] is not None:
+            f1, best_epoch, copies = state["best"]
+            copies = [like(c, t) for c, t in zip(copies, self.stepped, strict=True)]
+            self.best = (f1, best_epoch, copies)
+        self.global_step = state["global_step"]
+        self.train_seconds = state["train_seconds"]
+        self.state_bytes = state["state_bytes"]
+        self.num_labels = state["num_labels"]
+        mine = state["ranks"][self.world.rank]
+        epoch = state["epoch"]
+        if not state["epoch_done"]:
+            partial = {
+                "steps_done": state["steps_done"],
+                "rows": mine["rows"],
+                "seconds": state["seconds"],
+                "generator": state["generator"],
+                "rng": mine["rng"],
             }
+            log.info(
+                "resumed from epoch %d, step %d of %d",
+                epoch,
+                state["steps_done"],
+                self.steps_per_epoch,
+            )
+            return epoch, partial
+        self.generator.set_state(state["generator"])
+        set_rng_state(mine["rng"], self.device)
+        log.info("resumed from epoch %d (the next is epoch %d)", epoch, epoch + 1)
+        return epoch + 1, None
+
+    # --- the end --------------------------------------------------------------------------
+
+    def finish(self, restore_best: bool) -> TrainResult:
+        """Free the cache and DDP, restore the best epoch's weights (unless ``restore_best`` is
+        False: a probe trained for a set number of epochs keeps its last), let the hooks leave
+        the model saveable, and sum up."""
+        self.prefix.close()
+        self.replicas.close()
+        assert self.best is not None, "finish() before any epoch"
+        best_f1, best_epoch, saved = self.best
+        if self.masters is not None:
+            self.task.model.float()  # saved and evaluated in fp32, like any run
+        if restore_best:
+            self.load_trainable(saved)
+            log.info(
+                "best epoch %d (val macro-F1 %.4f); %d tensors restored",
+                best_epoch,
+                best_f1,
+                len(self.trainable),
+            )
+        elif self.masters is not None:
+            self.load_trainable(self.stepped)  # the last epoch's, at the masters' precision
+        if self.replicas.sharded:
+            # Rank 0 goes on with the whole model, unsharded, on the CPU (it saves it).
+            whole = self.replicas.gather()
+            if whole is not None:
+                self.task.model = whole
+        self.hooks.finish(self.context)
+        ran = len(self.history)
+        epoch_seconds = float(np.mean([r["epoch_seconds"] for r in self.history]))
+        peak, kind = memory.peak_bytes(self.device)
+        return TrainResult(
+            history=pd.DataFrame(self.history),
+            trainable_params=self.hooks.trained_params(sum(p.numel() for p in self.trainable)),
+            best_epoch=best_epoch,
+            best_val_macro_f1=best_f1,
+            train_seconds=self.train_seconds,
+            optimizer_groups=len(self.groups),
+            warnings=training_warnings(
+                self.global_step, self.history[-1]["train_loss"], self.num_labels
+            ),
+            stopped_epoch=ran,
+            seconds_saved=(self.settings.epochs - ran) * epoch_seconds,
+            optimizer_state_bytes=self.state_bytes,
+            peak_memory_bytes=peak,
+            peak_memory_kind=kind,
+            strategy_record=self.hooks.record(),
         )
-        write_settings(
-            outputs["settings"],
-            run={"strategy": key.strategy, "shots": key.shots, "seed": key.seed},
-            train=settings,
-            model=model,
-            plan={"kind": plan.kind, **plan.settings},
-        )
-        run.log_metrics(
-            {"train_seconds": result.train_seconds, "best_val_macro_f1": result.best_val_macro_f1}
-        )
-        for path in (plan_path, outputs["history"], outputs["settings"]):
-            run.log_artifact(path)
-        for path in artifacts.values():
-            run.log_artifact(path, "importance")
-    return result
+
+    @torch.no_grad()
+    def load_trainable(self, tensors: list[torch.Tensor]) -> None:
+        for param, value in zip(self.trainable, tensors, strict=True):
+            param.copy_(value)
+
+    def close(self) -> None:
+        """Free what the loop holds outside the model (the cache's files, the checkpointing
+        wrappers), also on an error."""
+        self.prefix.close()
+        self.replicas.close()
+        self.checkpointing.__exit__(None, None, None)
 
 
-def finetune_job(
-    key: RunKey,
-    model: Mapping[str, Any],
-    train: Mapping[str, Any],
-    inputs: Mapping[str, str],
-    outputs: Mapping[str, str],
-    artifacts: Mapping[str, str],
-    resolved: Mapping[str, Any],
-) -> dict[str, Any]:
-    """:func:`run_finetune`'s arguments as plain data (what :func:`distributed.launch` passes to
-    the processes it starts); ``inputs`` are the rule's named inputs."""
-    return {
-        "key": vars(key),
-        "model": dict(model),
-        "train": dict(train),
-        "device": train.get("device", "auto"),
-        "inputs": dict(inputs),
-        "outputs": dict(outputs),
-        "artifacts": dict(artifacts),
-        "resolved": dict(resolved),
-    }
+def train(
+    task: TaskModel,
+    plan: Plan,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    settings: TrainSettings,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_steps: Callable[[list[dict[str, float]]], None] | None = None,
+    workers: int = 0,
+    restore_best: bool = True,
+    checkpoints: Checkpoints | None = None,
+    resume: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``task.model`` in place under ``plan`` for ``settings.epochs`` (see
+    :class:`TrainingLoop`); on return it holds the weights of the epoch with the best
+    validation macro-F1, or with ``restore_best=False`` those of the last epoch.
 
+    ``on_steps`` receives each epoch's optimizer steps, ``on_epoch`` its row of the history
+    (on every rank: tracking is rank 0's caller's business). ``workers`` processes prepare the
+    training batches.
 
-def run_finetune_job(job: Mapping[str, Any]) -> None:
-    """:func:`run_finetune` on a :func:`finetune_job`."""
-    inputs = job["inputs"]
-    run_finetune(
-        RunKey(**job["key"]),
-        ModelSettings.from_config(job["model"]),
-        TrainSettings.from_config(job["train"]),
-        plan_path=inputs["plan"],
-        train_path=inputs["train"],
-        val_path=inputs["val"],
-        data_info_path=inputs["info"],
-        experiment_path=inputs["experiment"],
-        artifacts=dict(job["artifacts"]),
-        outputs=dict(job["outputs"]),
-        resolved=job["resolved"],
-    )
+    With ``checkpoints`` (:mod:`adaptune.checkpoints`), the run saves its state after each
+    epoch (before the epoch's rows go to the callbacks: the checkpoint holds them as
+    ``pending`` until they are logged), at the step interval, and on SIGTERM (after the step
+    it is in; then the signal takes its course). ``resume`` is such a state (rank 0's, as
+    :meth:`Checkpoints.load` found it; the other ranks read the same file): the run continues
+    where it was saved."""
+    loop = TrainingLoop(task, plan, train, val, settings, seed, device, workers, checkpoints)
+    try:
+        first, partial = 1, None
+        if distributed.from_main(resume is not None, loop.world):
+            if resume is None and checkpoints is not None:
+                resume = checkpoints.read()
+            first, partial = loop.load_state_dict(resume)
+            if partial is None and loop.should_stop(first - 1):
+                first = settings.epochs + 1  # it had stopped early: nothing left to run
+        with loop.stop if checkpoints is not None else contextlib.nullcontext():
+            for epoch in range(first, settings.epochs + 1):
+                started = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+                steps = loop.run_epoch(epoch, partial)
+                partial = None
+                row = loop.validate(epoch, steps)
+                row["epoch_seconds"] = time.perf_counter() - started
+                loop.keep_if_best(row)
+                if checkpoints is not None:
+                    pending = {"steps": steps, "epoch": row}
+                    loop.save_checkpoint(epoch, 0, steps, 0.0, pending)
+                if on_steps is not None:
+                    on_steps(steps)
+                if on_epoch is not None:
+                    on_epoch(row)
+                if checkpoints is not None and loop.checkpoint_due(last=True):
+                    loop.stop_if_asked()
+                if loop.should_stop(epoch):
+                    log.info(
+                        "early stopping after epoch %d: no gain above %g in %d epochs",
+                        epoch,
+                        settings.early_stopping.min_delta,
+                        settings.early_stopping.patience,
+                    )
+                    break
+        return loop.finish(restore_best)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        raise out_of_memory(device, settings.batch_size, str(err).splitlines()[0]) from err
+    except RuntimeError as err:
+        if "can't allocate memory" not in str(err):  # the CPU allocator's words
+            raise
+        raise out_of_memory(device, settings.batch_size, str(err).splitlines()[0]) from err
+    finally:
+        loop.close()

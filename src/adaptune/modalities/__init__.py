@@ -2,7 +2,8 @@
 as ``MODALITY``. Adding one (audio, tabular) is one new subpackage; nothing else changes.
 
 The modality is chosen once, from the config, by ``prepare_data`` (:func:`choose`), which writes
-its name into ``data.json``; every later stage asks :func:`get` for that name.
+its name into ``data.json``; every later stage binds it to that file's contents
+(:func:`for_data`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from adaptune.data_info import DataInfo
 from adaptune.errors import ConfigError
-from adaptune.modalities.base import Baseline, Batch, Examples, Modality, TaskModel
+from adaptune.modalities.base import Baseline, Batch, Examples, Modality, TaskModel, loader
 from adaptune.settings import DataSettings, ModelSettings
 
 __all__ = [
@@ -26,7 +26,9 @@ __all__ = [
     "TaskModel",
     "all_modalities",
     "choose",
+    "for_data",
     "get",
+    "loader",
     "saved_in",
 ]
 
@@ -42,14 +44,17 @@ def all_modalities() -> dict[str, Modality]:
     return found
 
 
-def get(name: str | Mapping[str, Any]) -> Modality:
-    """The modality called ``name``, or the one a ``data.json`` mapping names."""
-    if isinstance(name, Mapping):
-        name = name["modality"]
+def get(name: str) -> Modality:
+    """The modality called ``name`` (not bound to data)."""
     modalities = all_modalities()
     if name not in modalities:
         raise ConfigError(f"unknown modality {name!r}; known: {', '.join(modalities)}")
     return modalities[name]
+
+
+def for_data(info: DataInfo) -> Modality:
+    """The modality of prepared data, bound to it (:meth:`Modality.bind`)."""
+    return get(info.modality).bind(info)
 
 
 def choose(data: DataSettings, model: ModelSettings, baselines: list[str] = ()) -> Modality:

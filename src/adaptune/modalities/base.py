@@ -5,22 +5,31 @@ and models it reads, how examples are encoded for the model and batched, how a p
 gets a new head and how a fine-tuned one is saved and loaded again, and which classical baseline
 applies. The stages and the training loop ask the modality named in ``data.json`` and never
 look at the kind of input themselves.
+
+A modality has two lives. Before the data is prepared (the config's checks, ``prepare_data``)
+it is the registry's object, and reads sources and encodes them. After, it is *bound* to the
+prepared data's :class:`~adaptune.data_info.DataInfo` (:meth:`Modality.bind`, after Hugging
+Face's ``AutoProcessor``): it knows the class names and the encoding (the pad token, the input
+transform), so examples, models and saving need nothing passed along.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from adaptune.data_info import DataInfo
+from adaptune.errors import ConfigError
 from adaptune.modalities.files import files_under
 from adaptune.modalities.shifts import Shift
 from adaptune.settings import DataSettings, ModelSettings
@@ -60,6 +69,41 @@ class Examples(torch.utils.data.Dataset):
     def collate(self, items: list[dict[str, torch.Tensor]]) -> Batch:
         """Stack examples of equal shapes (a modality with ragged inputs pads here)."""
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def loader(
+    examples: Examples,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    by_length: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+    shard: Callable[[list[int]], list[int]] | None = None,
+    start: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` of batches of ``examples``: in row order, shuffled by ``generator``, or
+    (``by_length``, for inference) longest first, so that each batch pads little. Every batch
+    carries ``index``, the rows it holds. ``workers`` processes decode and augment examples;
+    the batches and their order are the same with any number. ``shard`` keeps, of each batch's
+    rows, those this process trains on (:func:`adaptune.distributed.shard`). ``start`` skips
+    the first batches of the order (a run resumed within an epoch), without loading them."""
+    count = len(examples)
+    if shuffle:
+        order = torch.randperm(count, generator=generator).tolist()
+    elif by_length and examples.lengths is not None:
+        order = np.argsort(-examples.lengths, kind="stable").tolist()
+    else:
+        order = list(range(count))
+    batches = [order[first : first + batch_size] for first in range(0, count, batch_size)]
+    batches = batches[start:]
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_sampler=[shard(b) for b in batches] if shard else batches,
+        collate_fn=examples.collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
 
 
 def installed_version(package: str) -> str:
@@ -109,6 +153,26 @@ class Modality(ABC):
     baselines: ClassVar[Mapping[str, Baseline]]
     # What a ``path:DIR`` model of this modality is, for messages.
     local_models: ClassVar[str]
+    # The prepared data this modality is bound to (:meth:`bind`); None in the registry.
+    bound_to: DataInfo | None = None
+
+    def bind(self, info: DataInfo) -> Self:
+        """This modality bound to prepared data: a copy that answers :attr:`info`."""
+        if info.modality != self.name:
+            raise ConfigError(f"data.json is of {info.modality} data, not {self.name}")
+        bound = copy.copy(self)
+        bound.bound_to = info
+        return bound
+
+    @property
+    def info(self) -> DataInfo:
+        """The prepared data this modality is bound to."""
+        if self.bound_to is None:
+            raise RuntimeError(
+                f"the {self.name} modality is not bound to prepared data: use "
+                "adaptune.modalities.for_data(DataInfo.read(...))"
+            )
+        return self.bound_to
 
     # --- which config it serves -------------------------------------------------------------
 
@@ -125,6 +189,11 @@ class Modality(ABC):
     @abstractmethod
     def reads_model(self, model: ModelSettings) -> bool:
         """Whether ``model.name`` is a model for this modality."""
+
+    def check(self, data: DataSettings, model: ModelSettings) -> None:
+        """Refuse data settings the model cannot honour (a ConfigError naming both numbers),
+        from what its files say where they are at hand when the config is validated."""
+        return None
 
     # --- prepare_data -----------------------------------------------------------------------
 
@@ -183,7 +252,6 @@ class Modality(ABC):
         kind: str,
         severity: int,
         seed: int,
-        info: Mapping[str, Any],
         data: DataSettings,
         model: ModelSettings,
     ) -> pd.DataFrame:
@@ -197,12 +265,22 @@ class Modality(ABC):
     def examples(
         self,
         frame: pd.DataFrame,
-        info: Mapping[str, Any],
         augment: Sequence[str] = (),
         seed: int = 0,
     ) -> Examples:
         """A prepared split as :class:`Examples`; ``augment`` (train-time augmentations) drawn
         from ``seed``, the epoch and each example's index."""
+
+    def batches(
+        self,
+        frame: pd.DataFrame,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Batch]:
+        """Batches of a prepared split, in row order or shuffled by ``generator``, without
+        augmentation."""
+        yield from loader(self.examples(frame), batch_size, shuffle, generator)
 
     @abstractmethod
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -241,15 +319,12 @@ class Modality(ABC):
     # --- models -----------------------------------------------------------------------------
 
     @abstractmethod
-    def load_pretrained(
-        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
-    ) -> TaskModel:
-        """The pretrained model with a new head for ``labels``, initialised from ``seed``."""
+    def load_pretrained(self, model: ModelSettings, seed: int) -> TaskModel:
+        """The pretrained model with a new head for the bound data's labels, initialised from
+        ``seed``."""
 
     @abstractmethod
-    def save(
-        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
-    ) -> None:
+    def save(self, task: TaskModel, directory: str | Path, model: ModelSettings) -> None:
         """Save a fine-tuned model so that :meth:`load_finetuned` (and its own library) loads
         it."""
 

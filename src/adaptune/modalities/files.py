@@ -6,8 +6,10 @@ content fingerprint that decides when what reads them reruns.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,8 @@ import pandas as pd
 
 from adaptune.errors import DataError
 from adaptune.settings import DataSettings
+
+log = logging.getLogger(__name__)
 
 
 def local_file(settings: DataSettings) -> Path:
@@ -31,11 +35,62 @@ def local_file(settings: DataSettings) -> Path:
     return path
 
 
-def read_csv(path: Path, encoding: str, columns_as_text: list[str]) -> pd.DataFrame:
-    """A CSV in ``encoding`` (``data.encoding``), the given columns read as text (labels stay
-    as written: "01" is not 1, and a column of numbers with a gap does not become floats)."""
+SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "vertical bar"}
+SNIFF_BYTES = 1 << 16
+
+
+def separator_name(separator: str) -> str:
+    """``semicolon (';')``, for messages."""
+    return (
+        f"{SEPARATORS[separator]} ({separator!r})" if separator in SEPARATORS else repr(separator)
+    )
+
+
+def choose_separator(
+    path: Path, encoding: str, columns: Sequence[str], separator: str = ""
+) -> tuple[str, str]:
+    """The field separator of the CSV ``path`` and why it was chosen: ``separator`` when set;
+    a tab for ``.tsv`` and ``.tab`` files; else the candidate (comma, semicolon, tab, vertical
+    bar) that splits the header line into all of ``columns``; else what :class:`csv.Sniffer`
+    finds in the first lines; else a comma."""
+    if separator:
+        return separator, "data.separator"
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t", f"the file ends in {path.suffix}"
+    with path.open("rb") as stream:
+        sample = stream.read(SNIFF_BYTES).decode(encoding, errors="replace").lstrip("\ufeff")
+    header = sample.splitlines()[0] if sample.strip() else ""
+    for candidate in SEPARATORS:
+        fields = [f.strip() for f in next(csv.reader([header], delimiter=candidate), [])]
+        if columns and all(column in fields for column in columns):
+            return candidate, f"it splits the header line into {', '.join(columns)}"
     try:
-        return pd.read_csv(path, encoding=encoding, dtype=dict.fromkeys(columns_as_text, str))
+        sniffed = csv.Sniffer().sniff(sample, delimiters="".join(SEPARATORS)).delimiter
+    except csv.Error:
+        return ",", "the default; no other separator fits its first lines"
+    return sniffed, "sniffed from its first lines"
+
+
+def read_csv(
+    path: Path,
+    encoding: str,
+    columns_as_text: list[str],
+    separator: str = "",
+    fix: str = "set data.separator",
+) -> pd.DataFrame:
+    """A CSV in ``encoding`` (``data.encoding``), its fields separated by ``separator`` (empty:
+    :func:`choose_separator` picks it, from the columns the source must have, which are
+    ``columns_as_text``), those columns read as text (labels stay as written: "01" is not 1,
+    and a column of numbers with a gap does not become floats). ``fix`` says how a user
+    chooses another separator, for messages."""
+    try:
+        chosen, why = choose_separator(path, encoding, columns_as_text, separator)
+        log.info("%s: fields separated by %s (%s)", path, separator_name(chosen), why)
+        frame = pd.read_csv(
+            path, encoding=encoding, sep=chosen, dtype=dict.fromkeys(columns_as_text, str)
+        )
+        frame.attrs["separator"] = f"fields separated by {separator_name(chosen)}: {why}"
+        return frame
     except UnicodeDecodeError as err:
         raise DataError(
             f"{path}: not valid {encoding} text ({err.reason} at byte {err.start}); set "
@@ -46,15 +101,23 @@ def read_csv(path: Path, encoding: str, columns_as_text: list[str]) -> pd.DataFr
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: the file is empty (not even a header line)") from err
     except pd.errors.ParserError as err:
-        raise DataError(f"{path}: not a well-formed CSV: {err}") from err
+        detail = str(err).strip().splitlines()[-1]
+        raise DataError(
+            f"{path}: not a well-formed CSV with the fields separated by "
+            f"{separator_name(chosen)} ({why}): {detail}. If another character separates its "
+            f"fields, {fix}; if a text holds the separator, quote that text"
+        ) from err
 
 
-def read_input_table(path: Path, column: str, what: str, encoding: str = "utf-8") -> pd.DataFrame:
+def read_input_table(
+    path: Path, column: str, what: str, encoding: str = "utf-8", separator: str = ""
+) -> pd.DataFrame:
     """New inputs to predict from a CSV: ``id`` (its ``id`` column, else the row number) and
     ``input`` (its ``column``)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected {what})")
-    frame = read_csv(path, encoding, [column])
+    fix = "give it a header line that names the input column"
+    frame = read_csv(path, encoding, [column], separator, fix=fix)
     if column not in frame.columns:
         raise DataError(
             f"{path}: no column {column!r}; its columns are {list(frame.columns)} "

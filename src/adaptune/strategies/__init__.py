@@ -14,14 +14,16 @@ from typing import Any
 
 from adaptune import config
 from adaptune.errors import ConfigError, PlanError
+from adaptune.memory import plan_memory
 from adaptune.plans import Plan, ScoreTables
 from adaptune.settings import TrainSettings, build
-from adaptune.strategies.base import NoSettings, Run, StrategyKind, TrainingHooks
+from adaptune.strategies._switching import busiest_period
+from adaptune.strategies.base import NoSettings, StrategyKind, TrainingContext, TrainingHooks
 
 __all__ = [
     "NoSettings",
-    "Run",
     "StrategyKind",
+    "TrainingContext",
     "TrainingHooks",
     "build_plan",
     "check",
@@ -41,7 +43,8 @@ def kinds() -> dict[str, StrategyKind]:
     """Every strategy kind: the ``KIND`` of each module of this package, by name."""
     found = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        # base.py and helpers shared by several kinds (``_switching.py``) hold no kind.
+        if info.name != "base" and not info.name.startswith("_"):
             kind = importlib.import_module(f"{__name__}.{info.name}").KIND
             found[kind.name] = kind
     return found
@@ -80,12 +83,25 @@ def check(name: str, spec: Mapping[str, Any], train: TrainSettings) -> None:
         raise ConfigError(f"strategies.{name}: {problem}")
 
 
-def build_plan(tables: ScoreTables, name: str, spec: Mapping[str, Any]) -> Plan:
-    """Strategy ``name``'s plan for every tensor of the scored model."""
+def build_plan(
+    tables: ScoreTables, name: str, spec: Mapping[str, Any], train: TrainSettings | None = None
+) -> Plan:
+    """Strategy ``name``'s plan for every tensor of the scored model; with the ``train``
+    settings of its runs, with what a run will need of memory (:func:`plan_memory`)."""
     kind, settings = parse(name, spec)
     if kind.needs_head and not tables.tensors["is_head"].any():
         raise PlanError(f"{kind.name}: the score table marks no tensor as the head")
-    return Plan(name, kind.name, kind.build(tables, settings), settings=asdict(settings))
+    tensors = kind.build(tables, settings)
+    plan = Plan(name, kind.name, tensors, settings=asdict(settings))
+    if kind.schedule is not None:
+        plan.schedule = kind.schedule(tables, tensors, settings)
+    if train is not None:
+        if kind.at_once is not None:
+            at_once = kind.at_once(tensors, settings)
+        else:
+            at_once = busiest_period(tensors, plan.schedule) if plan.schedule else None
+        plan.memory = plan_memory(tensors, train, tables.layers, at_once)
+    return plan
 
 
 def hooks_for(plan: Plan, train: TrainSettings) -> TrainingHooks:

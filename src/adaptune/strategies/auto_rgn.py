@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from adaptune.strategies.base import Run, StrategyKind, TrainingHooks, every_tensor
+from adaptune.strategies.base import StrategyKind, TrainingContext, TrainingHooks, every_tensor
 
 
 class AutoRGNHooks(TrainingHooks):
     per_tensor_groups: ClassVar[bool] = True
 
-    def start(self, run: Run) -> None:
-        self.optimizer, self.scheduler = run.optimizer, run.scheduler
-        self.exempt = {t.name for t in run.plan.tensors if t.is_head}
+    def start(self, context: TrainingContext) -> None:
+        self.optimizer, self.scheduler = context.optimizer, context.scheduler
+        self.exempt = {t.name for t in context.plan.tensors if t.is_head}
 
     def before_step(self, first_step_of_epoch: bool) -> None:
         if not first_step_of_epoch:

@@ -8,7 +8,7 @@ are its ``kind_<name>`` block of the schema; its settings dataclass adds only ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,14 +27,13 @@ class NoSettings:
 
 
 @dataclass
-class Run:
-    """The fine-tuning run a strategy's hooks act on. ``optimizer`` and ``scheduler`` are set
-    once they exist (before :meth:`TrainingHooks.start`)."""
+class TrainingContext:
+    """What a strategy's hooks see of the fine-tuning run they act on. ``optimizer`` and
+    ``scheduler`` are set once they exist (before :meth:`TrainingHooks.start`)."""
 
     task: TaskModel
     plan: Plan
     train: pd.DataFrame
-    info: Mapping[str, Any]
     settings: TrainSettings
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None
@@ -47,20 +46,32 @@ class TrainingHooks:
 
     The training loop calls, in this order: :meth:`extra_groups` (after the plan's parameter
     groups are built), :meth:`schedule` (to make the lr schedule), :meth:`start` (once the
-    optimizer and scheduler exist), :meth:`before_step` (after each backward pass, before the
-    optimizer step), :meth:`finish` (after the best weights are restored) and
-    :meth:`trained_params`. Which tensors train in which epoch is the plan's data
-    (``frozen``, ``unfreeze_epoch``), applied by the loop for every kind alike.
+    optimizer and scheduler exist); then for every optimizer step :meth:`on_step_start`
+    (before its forward pass: the place to change which tensors train), :meth:`before_step`
+    (after the backward pass, before the optimizer step: the place to change gradients and
+    rates) and :meth:`after_step` (after it: the place to change weights or optimizer state);
+    after each epoch's validation :meth:`on_epoch_end`; at the end :meth:`finish` (after the
+    best weights are restored) and :meth:`trained_params`. Which tensors train in which epoch
+    is the plan's data (``frozen``, ``unfreeze_epoch``), applied by the loop for every kind
+    alike; what hooks change beyond it they say in :meth:`state_dict`, which a resumed run
+    gives back to :meth:`load_state_dict`.
+
+    Gradients and optimizer state belong to the tensors the optimizer steps,
+    ``context.optimizer.param_groups``, in the order of the groups' ``names``: the model's own
+    tensors, or their fp32 masters under ``train.weight_precision: bf16``.
     """
 
     # One optimizer group per tensor, for kinds whose multipliers change per tensor.
     per_tensor_groups: ClassVar[bool] = False
+    # The kind changes which tensors train within an epoch (LISA, BAdam): the frozen-prefix
+    # cache, built at an epoch's start from what is frozen then, cannot serve it.
+    switches_within_epoch: ClassVar[bool] = False
 
     def __init__(self, settings: Any, train: TrainSettings) -> None:
         self.settings = settings
         self.train = train
 
-    def extra_groups(self, run: Run) -> list[dict[str, Any]]:
+    def extra_groups(self, context: TrainingContext) -> list[dict[str, Any]]:
         """Optimizer groups of parameters the plan does not list (adapters)."""
         return []
 
@@ -68,18 +79,40 @@ class TrainingHooks:
         """The lr factor of each optimizer step: linear warm-up, then linear decay to zero."""
         return warmup_linear(total_steps, self.train.warmup_ratio)
 
-    def start(self, run: Run) -> None:
+    def start(self, context: TrainingContext) -> None:
         """Prepare what the hooks need from the model, the data and the optimizer."""
+
+    def on_step_start(self, step: int) -> None:
+        """Before the forward pass of optimizer step ``step`` (from 0, counted over the run)."""
 
     def before_step(self, first_step_of_epoch: bool) -> None:
         """Adjust gradients or learning rates for the coming optimizer step."""
 
-    def finish(self, run: Run) -> None:
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step``: adjust weights or optimizer state."""
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float]) -> None:
+        """After epoch ``epoch``'s validation (``row``: its line of the history)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the hooks changed during training that a resumed run needs back."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state_dict` (a resumed run, before its next step)."""
+
+    def finish(self, context: TrainingContext) -> None:
         """Leave the trained model in its final, saveable form."""
 
     def trained_params(self, counted: int) -> int:
         """How many parameters trained; ``counted`` is the size of the optimizer's tensors."""
         return counted
+
+    def record(self) -> dict[str, Any]:
+        """What the hooks decided during the run that its plan could not say beforehand
+        (the periods a sampled schedule used, the density of a mask, the epoch each block
+        froze at), as JSON-ready values for the run's summary and MLflow; {} for none."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,23 @@ class StrategyKind:
     hooks: type[TrainingHooks] = TrainingHooks
     needs_head: bool = False
     check: Callable[[Any, TrainSettings], str | None] = field(default=lambda settings, train: None)
+    # The tensors that hold gradients and optimizer state at one time, for the memory
+    # estimate, where a kind trains some of the plan's trainable tensors at a time (None: all,
+    # or the busiest period of the kind's schedule).
+    at_once: Callable[[list[TensorPlan], Any], list[TensorPlan]] | None = None
+    # The plan's schedule (:attr:`adaptune.plans.Plan.schedule`) for kinds that switch which
+    # tensors train during a run: made from the score tables, the tensors' plans and settings.
+    schedule: Callable[[ScoreTables, list[TensorPlan], Any], dict[str, Any]] | None = None
+
+
+def stepped_tensors(context: TrainingContext) -> dict[str, torch.Tensor]:
+    """The tensor the optimizer steps for each trainable tensor, by name: the model's own, or
+    its fp32 master under bf16 weights (gradients and optimizer state live there)."""
+    return {
+        name: tensor
+        for group in context.optimizer.param_groups
+        for name, tensor in zip(group["names"], group["params"], strict=True)
+    }
 
 
 def every_tensor(

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptune.data import batches
 from adaptune.importance import gradient_moments, scoring_mode
-from adaptune.strategies.base import Run, StrategyKind, TrainingHooks, every_tensor
+from adaptune.strategies.base import StrategyKind, TrainingContext, TrainingHooks, every_tensor
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +23,26 @@ class ChildTuningSettings:
 
 
 class ChildTuningHooks(TrainingHooks):
-    def start(self, run: Run) -> None:
-        task, device = run.task, run.device
+    def start(self, context: TrainingContext) -> None:
+        task, device = context.task, context.device
         examples = [
             {k: v.to(device) for k, v in batch.items()}
-            for batch in batches(run.train, self.train.batch_size, run.info)
+            for batch in task.modality.batches(context.train, self.train.batch_size)
         ]
         with scoring_mode(task.model):
             fisher = gradient_moments(task, examples)[1]
-        names = [n for g in run.optimizer.param_groups for n in g["names"]]
-        params = dict(task.model.named_parameters())
-        self.params = [params[n] for n in names]
+        groups = context.optimizer.param_groups
+        names = [n for g in groups for n in g["names"]]
+        # The tensors the optimizer steps (fp32 masters under bf16 weights), in group order.
+        self.params = [p for g in groups for p in g["params"]]
         flat = torch.cat([fisher[n].flatten() for n in names])
         keep = max(1, round(self.settings.p * flat.numel()))
         threshold = torch.topk(flat, keep, sorted=False).values.min()
         # A weight without Fisher information (an embedding row of a token the task never
         # shows) has no gradient to keep, even where it ties a threshold of zero.
         self.masks = [
-            ((fisher[n] >= threshold) & (fisher[n] > 0)).to(params[n].dtype) for n in names
+            ((fisher[n] >= threshold) & (fisher[n] > 0)).to(p.dtype)
+            for n, p in zip(names, self.params, strict=True)
         ]
         self.kept = int(sum(m.sum() for m in self.masks))
         log.info(

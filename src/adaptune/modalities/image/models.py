@@ -12,6 +12,13 @@ new classifier for the task; saving and reloading the fine-tuned model.
 - ``path:DIR``: a model saved by adaptune's ``finetune`` stage (``adaptune_model.json``).
 
 Weights files are read with ``safetensors`` or ``torch.load(weights_only=True)``: never unpickled.
+
+``model.image_size`` sets the side of the input. Convolutional networks take any size. A model
+that says how to take another size (timm's ``set_input_size``: a ViT's position embeddings
+resampled once to the new patch grid, as timm does to fine-tune at another resolution) is
+resized; any other model that cannot take the size (torchvision's ViTs, whose position
+embeddings are fixed) is refused by a forward pass when the data is prepared, with the size it
+takes.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from torch import nn
 
 from adaptune.errors import ModelError
-from adaptune.modalities.image import SAVED_MODEL_FILE
+from adaptune.modalities.image.catalog import SAVED_MODEL_FILE
 from adaptune.modalities.image.transforms import ImageTransform
 from adaptune.settings import ModelSettings
 
@@ -202,8 +209,51 @@ def model_transform(
     name: str, weights: str = "", model: nn.Module | None = None, image_size: int = 0
 ) -> ImageTransform:
     """The input transform of the pretrained model (no weights are loaded to find it), at
-    ``image_size`` pixels square when that is set (``model.image_size``)."""
-    return _pretrained_transform(name, weights, model).at_size(image_size)
+    ``image_size`` pixels square when that is set (``model.image_size``).
+
+    Where that size is not the pretrained one, ``model`` (or, when not given, the bare
+    architecture, built to check) is fitted to it by :func:`fit_input_size`, which refuses a
+    model that cannot take it."""
+    pretrained = _pretrained_transform(name, weights, model)
+    transform = pretrained.at_size(image_size)
+    if transform.input_size != pretrained.input_size:
+        fit_input_size(
+            model if model is not None else _architecture(name),
+            transform.input_size,
+            name,
+            pretrained.input_size,
+        )
+    return transform
+
+
+def _architecture(name: str) -> nn.Module:
+    """The architecture ``model.name`` names, randomly initialised (a saved model's too)."""
+    if name.startswith("path:"):
+        name = json.loads((Path(name[5:]) / SAVED_MODEL_FILE).read_text())["name"]
+    return build_backbone(name, pretrained=False)
+
+
+def fit_input_size(
+    model: nn.Module, input_size: tuple[int, int], name: str, pretrained_size: tuple[int, int]
+) -> None:
+    """Make ``model``, built for ``pretrained_size`` images, take ``input_size`` ones, in place:
+    where the model says how (timm's ``set_input_size``: a ViT's absolute position embeddings
+    resampled to the new patch grid, bicubically, once), it is resized; then a forward pass
+    checks that it takes that size, and a model that does not (torchvision's ViTs) is refused
+    with the size it was pretrained at. Nothing happens at the pretrained size."""
+    if input_size == pretrained_size:
+        return
+    height, width = input_size
+    try:
+        if hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=input_size)
+        _output_width(model, input_size)
+    except (AssertionError, RuntimeError, ValueError, TypeError) as err:
+        raise ModelError(
+            f"model.name = {name!r} does not take {height} x {width} images ({err}); it was "
+            f"pretrained at {pretrained_size[0]} x {pretrained_size[1]}: set model.image_size to "
+            f"{pretrained_size[0]}, or to 0 (its own size)"
+        ) from err
 
 
 def _pretrained_transform(name: str, weights: str, model: nn.Module | None) -> ImageTransform:
@@ -273,7 +323,7 @@ def load_classifier(
     names of the head's parameters, and the model's input transform."""
     if settings.kind == "path":
         model, _ = load_saved_classifier(settings.location)
-        transform = model_transform(settings.name, image_size=settings.image_size)
+        transform = model_transform(settings.name, model=model, image_size=settings.image_size)
     else:
         model = build_backbone(settings.name, settings.weights)
         transform = model_transform(settings.name, settings.weights, model, settings.image_size)
@@ -306,6 +356,9 @@ def load_saved_classifier(directory: str | Path) -> tuple[nn.Module, tuple[str, 
     saved = json.loads((directory / SAVED_MODEL_FILE).read_text())
     model = build_backbone(saved["name"], pretrained=False)
     transform = ImageTransform.from_dict(saved["transform"])
+    # A ViT fine-tuned at another size saved its resampled position embeddings: resample first.
+    pretrained = _pretrained_transform(saved["name"], "", model).input_size
+    fit_input_size(model, transform.input_size, saved["name"], pretrained)
     head = replace_head(model, len(saved["labels"]), transform.input_size)
     load_strict(model, read_weights(directory / "model.safetensors"), str(directory))
     return model, head

@@ -22,7 +22,7 @@ import torchvision.transforms.v2.functional as F
 
 from adaptune.errors import DataError
 from adaptune.modalities.files import local_file, read_csv
-from adaptune.modalities.image import BUNDLED_SOURCES, IMAGE_EXTENSIONS
+from adaptune.modalities.image.catalog import BUNDLED_SOURCES, IMAGE_EXTENSIONS
 from adaptune.modalities.image.transforms import ImageTransform
 from adaptune.settings import DataSettings
 
@@ -87,6 +87,37 @@ def open_image(path: Path) -> np.ndarray:
         raise DataError(f"cannot decode image {path}: {err}") from err
 
 
+SHOWN_UNREADABLE = 10  # unreadable images named in a message; data.json keeps up to 100
+
+
+def decode_images(table: pd.DataFrame, files: list[Path], policy: str, where: str) -> pd.DataFrame:
+    """``table`` (one row per file of ``files``) with each image decoded into ``image``. Every
+    file is tried: with ``policy`` "error" (``data.unreadable_images``) the DataError names
+    all that cannot be decoded at once; with "skip" their rows are left out, the log names
+    them, and the returned table's ``attrs["unreadable_images"]`` counts them (for
+    data.json)."""
+    images, unreadable = [], []
+    for path in files:
+        try:
+            images.append(open_image(path))
+        except DataError as err:
+            images.append(None)
+            unreadable.append(f"{path}: {str(err.__cause__ or err).splitlines()[0]}")
+    if unreadable and policy != "skip":
+        shown = "; ".join(unreadable[:SHOWN_UNREADABLE])
+        more = len(unreadable) - SHOWN_UNREADABLE
+        raise DataError(
+            f"{where}: {len(unreadable)} of {len(files)} image(s) cannot be decoded: {shown}"
+            f"{f'; and {more} more' if more > 0 else ''}. Replace or remove them, or set "
+            "data.unreadable_images: skip to leave them out (counted in data.json)"
+        )
+    for line in unreadable:
+        log.warning("%s: skipped (data.unreadable_images: skip): %s", where, line)
+    kept = table.assign(image=images)[[image is not None for image in images]]
+    kept.attrs["unreadable_images"] = {"count": len(unreadable), "files": unreadable[:100]}
+    return kept.reset_index(drop=True)
+
+
 def image_folder_files(root: Path) -> list[tuple[str, Path]]:
     """(class, file) of every image in ``ROOT/<class>/...`` (torchvision's ImageFolder
     layout); a class folder without images is skipped, with a warning."""
@@ -107,17 +138,19 @@ def image_folder_files(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def load_image_folder(root: str | Path) -> pd.DataFrame:
-    """``ROOT/<class>/<image>`` (torchvision's ImageFolder layout)."""
+def load_image_folder(root: str | Path, unreadable: str = "error") -> pd.DataFrame:
+    """``ROOT/<class>/<image>`` (torchvision's ImageFolder layout); ``unreadable``: what to do
+    with images that cannot be decoded (:func:`decode_images`)."""
     root = Path(root)
     files = image_folder_files(root)
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "item": [str(path.relative_to(root)) for _, path in files],
-            "image": [open_image(path) for _, path in files],
             "label": [label for label, _ in files],
         }
     )
+    frame = decode_images(table, [path for _, path in files], unreadable, str(root))
+    return frame[["item", "image", "label"]]
 
 
 def image_csv(settings: DataSettings) -> pd.DataFrame:
@@ -125,12 +158,13 @@ def image_csv(settings: DataSettings) -> pd.DataFrame:
     the CSV's folder) and ``label``; a missing image file is an error."""
     path = local_file(settings)
     image_column, label_column = settings.image_column, settings.label_column
-    frame = read_csv(path, settings.encoding, [image_column, label_column])
+    frame = read_csv(path, settings.encoding, [image_column, label_column], settings.separator)
     missing = [c for c in (image_column, label_column) if c not in frame.columns]
     if missing:
         raise DataError(
-            f"csv:{path}: no column(s) {missing}; its columns are {list(frame.columns)}. "
-            "Set data.image_column and data.label_column."
+            f"csv:{path}: no column(s) {missing}; its columns are {list(frame.columns)} "
+            f"({frame.attrs['separator']}). Set data.image_column and data.label_column, or "
+            "data.separator."
         )
     files = [Path(p) if Path(p).is_absolute() else path.parent / p for p in frame[image_column]]
     absent = [str(f) for f in files if not f.is_file()]
@@ -142,7 +176,9 @@ def image_csv(settings: DataSettings) -> pd.DataFrame:
 def load_image_csv(settings: DataSettings) -> pd.DataFrame:
     """A CSV with an image-path column (relative paths are relative to the CSV's folder)."""
     table = image_csv(settings)
-    return table.assign(image=[open_image(f) for f in table.pop("file")])
+    files = list(table.pop("file"))
+    frame = decode_images(table, files, settings.unreadable_images, settings.source)
+    return frame[["item", "image", "label"]]
 
 
 def _torchvision_parts(cls: Any, root: str) -> list[tuple[str, Any]]:
@@ -197,7 +233,7 @@ def load_images(settings: DataSettings) -> pd.DataFrame:
             )
         return load_digits_images()
     if kind == "imagefolder":
-        return load_image_folder(location)
+        return load_image_folder(location, settings.unreadable_images)
     if kind == "torchvision":
         return load_torchvision_dataset(location, settings.root)
     if kind == "csv":

@@ -54,6 +54,11 @@ def tokenize(frame: pd.DataFrame, tokenizer: Any, max_length: int) -> pd.DataFra
     return frame.assign(input_ids=ids)
 
 
+def ends_with(frame: pd.DataFrame, token: int) -> int:
+    """How many texts of a tokenised split end with ``token``."""
+    return sum(1 for ids in frame["input_ids"] if len(ids) and ids[-1] == token)
+
+
 class TokenExamples(Examples):
     """Token ids of a split held as one flat int32 array with offsets (no Python object per
     token), padded per batch to its longest text."""
@@ -127,6 +132,9 @@ class TextModality(Modality):
             return models.is_model_folder(model.location)
         return model.kind == "hf"
 
+    def check(self, data: DataSettings, model: ModelSettings) -> None:
+        models.check_max_length(data.max_length, model.name, models.local_token_limit(model.name))
+
     def source_files(self, data: DataSettings) -> list[Path]:
         if data.kind in ("csv", "parquet"):
             return [local_file(data)]
@@ -161,12 +169,22 @@ class TextModality(Modality):
         self, splits: dict[str, pd.DataFrame], data: DataSettings, model: ModelSettings
     ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
         tokenizer = models.load_tokenizer(model.name)
+        models.check_model(model.name, data.max_length, tokenizer)
         splits = {name: tokenize(part, tokenizer, data.max_length) for name, part in splits.items()}
         lengths = np.array([len(ids) for ids in splits["train"]["input_ids"]])
+        pad = int(tokenizer.pad_token_id)  # never None: models.apply_padding_rule
+        ending = {name: ends_with(part, pad) for name, part in splits.items()}
+        if any(ending.values()):
+            log.warning(
+                "texts that end with the pad token %r (%s): their model classifies them from "
+                "the last token before it",
+                tokenizer.pad_token,
+                ", ".join(f"{n} in {name}" for name, n in ending.items() if n),
+            )
         return splits, {
             "max_length": data.max_length,
             "truncated_fraction_train": float(np.mean(lengths >= data.max_length)),
-            "pad_token_id": int(tokenizer.pad_token_id or 0),
+            "pad_token_id": pad,
         }
 
     shifts: ClassVar[Mapping[str, Shift]] = SHIFTS
@@ -177,7 +195,6 @@ class TextModality(Modality):
         kind: str,
         severity: int,
         seed: int,
-        info: Mapping[str, Any],
         data: DataSettings,
         model: ModelSettings,
     ) -> pd.DataFrame:
@@ -190,13 +207,12 @@ class TextModality(Modality):
     def examples(
         self,
         frame: pd.DataFrame,
-        info: Mapping[str, Any],
         augment: Sequence[str] = (),
         seed: int = 0,
     ) -> Examples:
         """``{input_ids, attention_mask, labels, index}`` batches, right-padded to the batch's
         longest text (``augment`` does not apply to text)."""
-        return TokenExamples(frame, int(info["pad_token_id"]))
+        return TokenExamples(frame, int(self.info.encoding["pad_token_id"]))
 
     def model_inputs(self, batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (), {k: v for k, v in batch.items() if k not in NOT_INPUTS}
@@ -251,11 +267,9 @@ class TextModality(Modality):
                     if k != "attention_mask"
                 }
 
-    def load_pretrained(
-        self, model: ModelSettings, labels: Sequence[str], seed: int, info: Mapping[str, Any]
-    ) -> TaskModel:
+    def load_pretrained(self, model: ModelSettings, seed: int) -> TaskModel:
         torch.manual_seed(seed)
-        network, head = models.load_classifier(model, labels)
+        network, head = models.load_classifier(model, self.info.labels)
         log.info(
             "Loaded %s; new for this task, initialised from seed %d (expected): %s",
             model.name,
@@ -264,15 +278,13 @@ class TextModality(Modality):
         )
         return TaskModel(network, head, self)
 
-    def save(
-        self, task: TaskModel, directory: str | Path, model: ModelSettings, info: Mapping[str, Any]
-    ) -> None:
+    def save(self, task: TaskModel, directory: str | Path, model: ModelSettings) -> None:
         """A Hugging Face folder that loads and predicts on its own: the weights, the config
         (with the labels) and the tokenizer, truncating at the ``max_length`` the run trained
         with, so ``transformers.pipeline("text-classification", model=directory)`` works."""
         models.save_classifier(task.model, directory)
         tokenizer = models.load_tokenizer(model.name)
-        tokenizer.model_max_length = int(info["max_length"])
+        tokenizer.model_max_length = int(self.info.encoding["max_length"])
         tokenizer.save_pretrained(str(directory))
 
     def load_finetuned(self, directory: str | Path) -> TaskModel:
@@ -312,8 +324,9 @@ class TextModality(Modality):
         self, directory: str | Path, run_id: str, tracking_uri: str, example: pd.DataFrame
     ) -> str:
         """``mlflow.transformers``: the saved folder as a ``text-classification`` pipeline;
-        strings in, a label and its score out. (MLflow's log-from-a-folder path does not work
-        with transformers 5, so the pipeline is loaded from the folder.)"""
+        strings in, a label and its score out, each text truncated where training truncated
+        (a pipeline does not truncate unless asked). (MLflow's log-from-a-folder path does not
+        work with transformers 5, so the pipeline is loaded from the folder.)"""
         import mlflow.transformers
         from mlflow.types import ColSpec, Schema
         from transformers import pipeline
@@ -329,6 +342,7 @@ class TextModality(Modality):
             outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
             transformers_model=classify,
             input_example=example["text"].astype(str).tolist(),
+            model_config={"truncation": True},
         )
 
 

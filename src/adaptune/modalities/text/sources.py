@@ -87,7 +87,12 @@ def load_table(settings: DataSettings) -> pd.DataFrame:
     and ``label``."""
     kind, location = settings.kind, settings.location
     if kind == "csv":
-        frame = read_csv(local_file(settings), settings.encoding, [settings.label_column])
+        frame = read_csv(
+            local_file(settings),
+            settings.encoding,
+            [settings.text_column, settings.label_column],
+            settings.separator,
+        )
     elif kind == "parquet":
         frame = pd.read_parquet(local_file(settings))
     elif kind == "hf":
@@ -96,9 +101,11 @@ def load_table(settings: DataSettings) -> pd.DataFrame:
         raise DataError(f"data.source = {settings.source!r}: unknown kind {kind!r}")
     missing = [c for c in (settings.text_column, settings.label_column) if c not in frame.columns]
     if missing:
+        read = f" ({frame.attrs['separator']})" if "separator" in frame.attrs else ""
+        fix = ", or data.separator" if read else ""
         raise DataError(
-            f"{settings.source}: no column(s) {missing}; its columns are {list(frame.columns)}. "
-            "Set data.text_column and data.label_column."
+            f"{settings.source}: no column(s) {missing}; its columns are {list(frame.columns)}"
+            f"{read}. Set data.text_column and data.label_column{fix}."
         )
     return frame[[settings.text_column, settings.label_column]].set_axis(["text", "label"], axis=1)
 

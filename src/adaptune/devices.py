@@ -1,4 +1,7 @@
-"""Distinct GPUs for jobs that run at once on one machine.
+"""Where and how computation runs: which device (:func:`select_device`, a rank's own GPU under
+data-parallel training: :func:`rank_device`), whether the machine has it (:func:`check_device`),
+the precision (:func:`autocast`), and distinct GPUs for jobs that run at once on one machine
+(:func:`claimed`).
 
 Snakemake's local scheduler counts a ``gpu`` resource (``--resources gpu=N``) but does not say
 which GPU a job may use, nor set ``CUDA_VISIBLE_DEVICES``: without more, every job trains on
@@ -25,6 +28,62 @@ import torch
 from adaptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` takes cuda, then mps, then cpu; anything else is passed to torch."""
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def rank_device(spec: str, processes: int, local_rank: int) -> torch.device:
+    """The device of one of ``processes`` data-parallel processes: ``select_device(spec)``,
+    and on CUDA the process's own GPU (``cuda:LOCAL_RANK``; with CUDA_VISIBLE_DEVICES set,
+    among the visible ones)."""
+    device = select_device(spec)
+    if processes == 1 or device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(
+            f"train.devices = {processes}: data-parallel training runs on CUDA GPUs or CPU "
+            f"processes, not on {device.type}; set train.device: cpu or train.devices: 1"
+        )
+    if device.index is not None:
+        raise ConfigError(
+            f"train.device: {spec!r} names one GPU, but train.devices = {processes} trains on "
+            "several; use 'auto' or 'cuda'"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def check_device(device: str) -> None:
+    """``train.device`` must exist on this machine (checked where the jobs run locally)."""
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ConfigError(
+                f"train.device = {device!r}, but this machine has {found} CUDA device(s); use "
+                "auto (a GPU when there is one, else the CPU) or cpu"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device = 'mps', but MPS is not available here; use auto or cpu")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto`` or ``bf16``); full precision elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- distinct GPUs for concurrent jobs -------------------------------------------------------
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 # Where the lock files live: one folder per machine and user, unless this variable names one.
