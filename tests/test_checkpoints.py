@@ -278,7 +278,10 @@ def job_log(flow: Workflow) -> str:
 
 
 @pytest.mark.workflow
-@pytest.mark.parametrize("fault", ["kill -9", "SIGTERM"])
+@pytest.mark.parametrize(
+    "fault",
+    ["kill -9", pytest.param("SIGTERM", marks=pytest.mark.slow)],  # the same resume
+)
 def test_a_killed_finetune_job_resumes_bit_identical_in_its_own_mlflow_run(
     prepared, tiny_bert_dir, tmp_path, fault
 ):

@@ -374,9 +374,13 @@ def test_a_path_model_that_is_not_a_model(tmp_path, tiny_bert_dir):
 
 
 def test_a_hub_model_that_cannot_be_reached_names_the_id_and_the_network(monkeypatch):
+    import huggingface_hub.constants
+
     from adaptune.modalities.text.models import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read when huggingface_hub is imported: without it, the Hub is retried for about 45 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match=r"'nobody/no-model'.*unreachable.*or no model has that"):
         load_tokenizer("hf:nobody/no-model")
 
@@ -605,25 +609,6 @@ def csv_config(model_dir: Path, source: Path, experiment: str = "faults") -> dic
     return config
 
 
-@pytest.mark.workflow
-def test_an_edited_source_file_reruns_the_data_stage_and_what_follows(tmp_path, tiny_bert_dir):
-    source = csv_file(tmp_path / "news.csv", news_rows(20))  # 60 rows, 3 classes
-    flow = Workflow(tmp_path / "flow", csv_config(tiny_bert_dir, source))
-    flow.run("--cores", "2")
-    assert flow.dry_run_jobs() == {}
-    csv_file(source, news_rows(20))  # written again, byte for byte: nothing to redo
-    assert flow.dry_run_jobs() == {}
-    csv_file(source, [r for r in news_rows(15) if r["label"] != "tech"])  # 30 rows, 2 classes
-    jobs = flow.dry_run_jobs()
-    assert jobs["prepare_data"] == 1 and jobs["finetune"] == 1 and jobs["report"] == 1
-    flow.run("--cores", "2")
-    info = json.loads((flow.results("faults") / "data/data.json").read_text())
-    assert info["labels"] == ["business", "sport"] and info["num_examples"] == 30
-    assert info["source_fingerprint"] == content_fingerprint([source])
-    board = pd.read_csv(flow.results("faults") / "report/leaderboard.csv")
-    assert (board["test_examples"] == 6).all()  # 20% of the 30 new rows
-
-
 def live_runs(db: Path, experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -686,7 +671,10 @@ def finetune_job(process: subprocess.Popen) -> int:
 
 
 @pytest.mark.workflow
-@pytest.mark.parametrize("fault", ["kill -9 the job", "Ctrl-C snakemake"])
+@pytest.mark.parametrize(
+    "fault",  # killing the job is also test_checkpoints' fault, so that case is a slow one
+    [pytest.param("kill -9 the job", marks=pytest.mark.slow), "Ctrl-C snakemake"],
+)
 def test_an_interrupted_run_leaves_one_live_run_per_key_with_all_its_metrics(
     tmp_path, tiny_bert_dir, fault
 ):
@@ -842,6 +830,23 @@ def finished(tmp_path_factory, tiny_bert_dir) -> Workflow:
     flow = Workflow(root / "flow", config)
     flow.run("--cores", "2")
     return flow
+
+
+@pytest.mark.workflow
+def test_an_edited_source_file_reruns_the_data_stage_and_what_follows(finished):
+    """The source's content decides, not its time stamp: the same bytes written again redo
+    nothing; other rows redo the data stage and every job after it (the old rows written back
+    leave the run complete again)."""
+    source = Path(finished.config["data"]["source"].removeprefix("csv:"))
+    info = json.loads((finished.results("faults") / "data/data.json").read_text())
+    assert info["source_fingerprint"] == content_fingerprint([source])
+    csv_file(source, news_rows())  # written again, byte for byte: nothing to redo
+    assert finished.dry_run_jobs() == {}
+    csv_file(source, [r for r in news_rows(15) if r["label"] != "tech"])  # 30 rows, 2 classes
+    jobs = finished.dry_run_jobs()
+    assert jobs["prepare_data"] == 1 and jobs["finetune"] == 2 and jobs["report"] == 1
+    csv_file(source, news_rows())
+    assert finished.dry_run_jobs() == {}
 
 
 @pytest.mark.workflow

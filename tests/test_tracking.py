@@ -177,6 +177,7 @@ def test_a_sqlite_store_without_shared_files_stops_when_parsed(tmp_path, tiny_be
 
 
 @pytest.mark.workflow
+@pytest.mark.slow  # 2 min; in process: test_faults' store that does not answer
 def test_a_server_that_stops_mid_job_costs_no_training_and_is_caught_up(tmp_path, tiny_bert_dir):
     """The tracking server stops while a run trains: the jobs finish and write their files,
     saying (naming the URL) that MLflow is brought up to date later; once the server is back,

@@ -13,7 +13,9 @@ import yaml
 
 from .conftest import PARALLEL, REPO, Workflow
 
-pytestmark = pytest.mark.workflow
+# A second image workflow: the image stages run end to end in test_vision_workflow (a CNN), and
+# every ViT part (layers, head, cache, each strategy kind) in process in test_vit.
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
