@@ -12,7 +12,8 @@ Scoring is what the ``score_importance`` stage computes once the model is loaded
 head), per-example gradients by the loop (``auto`` on the CPU) and by ``vmap``, then
 :func:`adaptune.memory.profile_activations` on the first batch; ``--per-metric`` adds grad_norm,
 fisher (both paths) and hessian_trace alone. ``--light`` scores on one calibration batch of 16,
-with one Hutchinson probe on 4 examples: the same peak (each estimator's peak is one batch's,
+with two Hutchinson probes (the
+schema's least) on 4 examples: the same peak (each estimator's peak is one batch's,
 one example's or one chunk's, whatever their number), a fraction of the seconds, for models
 whose scoring at the defaults would take hours on a CPU. A fine-tuning step is AdamW (fp32,
 the model in train mode) on one batch of 16: forward, backward, step; the epoch is adaptune's
@@ -137,7 +138,7 @@ def scoring(task, batches, settings, path: str, metrics: str) -> None:
     profile_activations(task, batches[0])
 
 
-LIGHT = {"batches": 1, "hutchinson_probes": 1, "hessian_examples": 4}
+LIGHT = {"batches": 1, "hutchinson_probes": 2, "hessian_examples": 4}  # the schema's least probes
 
 
 def measure(job: str, model: Path, data: Path, threads: int, live: bool, light: bool) -> dict:
@@ -237,7 +238,9 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
     """One row per model and measurement; the ratios are over the same model's fine-tuning
     step: of the peak (of CUDA's allocations on a GPU, else of the tensors where counted, else
     resident) and of the growth."""
-    first = next(iter(next(iter(results.values())).values()))
+    first = next(
+        (r for by_job in results.values() for r in by_job.values() if "failed" not in r), {}
+    )
     columns = {"peak_mb": "peak MB", "growth_mb": "growth MB", "tensors_mb": "tensors MB"}
     columns["cuda_peak_mb"] = "GPU peak MB"
     memory = [key for key in columns if key in first]
@@ -246,11 +249,12 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
     print("\n| " + " | ".join(header) + " |")
     print("|---|---:|---|" + "---:|" * (len(header) - 3))
     for size, by_job in results.items():
-        step = by_job["step"]
-        peak = next(k for k in ("cuda_peak_mb", "tensors_mb", "peak_mb") if k in step)
+        step = by_job.get("step", {})
+        peak = next((k for k in ("cuda_peak_mb", "tensors_mb", "peak_mb") if k in step), None)
         for job, r in by_job.items():
-            if "failed" in r:
-                print(f"| {size} | | {job} | failed: {r['failed']} |")
+            if "failed" in r or peak is None:
+                why = r.get("failed", "no fine-tuning step to compare with")
+                print(f"| {size} | | {job} | failed: {why} |")
                 continue
             cells = [
                 size,
