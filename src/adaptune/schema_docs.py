@@ -235,13 +235,21 @@ def _sections(root: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]
 def render(root: Mapping[str, Any] | None = None) -> str:
     """The configuration reference page for ``root`` (default: adaptune's own schema)."""
     root = schema() if root is None else root
-    defs = root["$defs"]
-    strategy = defs["strategy"]
-    kinds = list(strategy["properties"]["kind"]["enum"])
-    overridable = set(defs["train_overrides"]["properties"])
-    top_required = set(root.get("required", ()))
+    kinds = list(root["$defs"]["strategy"]["properties"]["kind"]["enum"])
     kind_links = ", ".join(f"[`{kind}`](#{anchor(kind_heading(kind))})" for kind in kinds)
     lines = [
+        *_header(root, kind_links),
+        *_top_level_keys(root),
+        *_strategy_keys(root, kind_links),
+        *_strategy_kinds(root, kinds),
+    ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _header(root: Mapping[str, Any], kind_links: str) -> list[str]:
+    """The page's title, what it is and how it is made, and its map of the top-level keys."""
+    top_required = set(root.get("required", ()))
+    return [
         "# Configuration reference",
         "",
         f"<!-- Generated from src/adaptune/schema.yaml by `{COMMAND}`.",
@@ -273,6 +281,13 @@ def render(root: Mapping[str, Any] | None = None) -> str:
         ),
         "",
     ]
+
+
+def _top_level_keys(root: Mapping[str, Any]) -> list[str]:
+    """A section per top-level key, with an entry for each of its own keys."""
+    overridable = set(root["$defs"]["train_overrides"]["properties"])
+    top_required = set(root.get("required", ()))
+    lines: list[str] = []
     for name, node in _sections(root):
         node = resolve(root, node)
         lines += [f"## {key_heading(name)}", ""]
@@ -294,7 +309,14 @@ def render(root: Mapping[str, Any] | None = None) -> str:
                 key in required,
                 name == "train" and key in overridable,
             )
-    lines += [
+    return lines
+
+
+def _strategy_keys(root: Mapping[str, Any], kind_links: str) -> list[str]:
+    """The keys every strategy takes, whatever its kind."""
+    defs = root["$defs"]
+    strategy = defs["strategy"]
+    lines = [
         "## A strategy's keys",
         "",
         *_wrap(
@@ -304,14 +326,19 @@ def render(root: Mapping[str, Any] | None = None) -> str:
         ),
         "",
     ]
-    first_kind = resolve(root, defs[f"kind_{kinds[0]}"])["properties"]
+    first_kind = resolve(root, defs[f"kind_{strategy['properties']['kind']['enum'][0]}"])
     for key in COMMON_STRATEGY_KEYS:
-        child = strategy["properties"].get(key) or first_kind[key]
+        child = strategy["properties"].get(key) or first_kind["properties"][key]
         what = f"one of {kind_links}" if key == "kind" else ""
         lines += key_section(
             root, f"strategies.NAME.{key}", child, key in strategy["required"], what=what
         )
-    lines += [
+    return lines
+
+
+def _strategy_kinds(root: Mapping[str, Any], kinds: list[str]) -> list[str]:
+    """A section per strategy kind with its own keys."""
+    lines = [
         "## Strategy kinds",
         "",
         *_wrap(
@@ -322,7 +349,7 @@ def render(root: Mapping[str, Any] | None = None) -> str:
         "",
     ]
     for kind in kinds:
-        block = resolve(root, defs[f"kind_{kind}"])
+        block = resolve(root, root["$defs"][f"kind_{kind}"])
         own = {k: v for k, v in block["properties"].items() if k not in COMMON_STRATEGY_KEYS}
         lines += [f"### {kind_heading(kind)}", ""]
         if block.get("description"):
@@ -331,7 +358,7 @@ def render(root: Mapping[str, Any] | None = None) -> str:
             lines += [*key_items(root, {**block, "properties": own}), ""]
         else:
             lines += ["No keys of its own.", ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,40 +251,15 @@ class TrainingLoop:
         # parameters; DDP wraps it at the first step.
         self.replicas = distributed.Replicas(task.model, self.world, device, sharding, task.head)
         self.context = TrainingContext(task, plan, train, settings, device)
-        groups = param_groups(
-            task.model,
-            plan,
-            settings.weight_decay,
-            settings.decay_norm_and_bias,
-            per_tensor=self.hooks.per_tensor_groups,
-        )
-        self.groups = groups + self.hooks.extra_groups(self.context)
-        self.trainable = [p for g in self.groups for p in g["params"]]
-        self.masters = MasterWeights(self.groups) if settings.weight_precision == "bf16" else None
-        stepped = self.masters.groups if self.masters else self.groups
-        # The tensors the optimizer steps: the trainable ones, or their fp32 masters.
-        self.stepped = [p for g in stepped for p in g["params"]]
-        self.optimizer = build_optimizer(stepped, settings)
         self.train_count = len(train)
         self.steps_per_epoch = -(-len(train) // settings.batch_size)
-        schedule = self.hooks.schedule(self.steps_per_epoch * settings.epochs, self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.context.optimizer, self.context.scheduler = self.optimizer, self.scheduler
-        self.context.groups = self.groups
+        self._build_optimizer(settings)
         self.hooks.start(self.context)
         self.checkpointing = checkpointed_blocks(
             task.model, task.head, settings.gradient_checkpointing
         )
         self.checkpointing.__enter__()
-        modality = task.modality
-        self.train_examples = modality.examples(train, settings.augment, seed)
-        same = val is train and not settings.augment
-        self.val_examples = self.train_examples if same else modality.examples(val)
-        self.val_labels = val["label_id"].to_numpy()
-        self.prefix = PrefixState(task, settings, self.train_examples, self.val_examples, device)
-        if self.hooks.switches_within_epoch and self.prefix.enabled:
-            log.info("feature cache off: %s changes what trains within an epoch", plan.kind)
-            self.prefix.enabled = False
+        self._make_examples(train, val, settings, seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[dict[str, float]] = []
         self.best: tuple[float, int, list[torch.Tensor]] | None = None
@@ -307,6 +282,46 @@ class TrainingLoop:
             device,
             f" x {self.world.size} processes" if self.world.size > 1 else "",
         )
+
+    def _build_optimizer(self, settings: TrainSettings) -> None:
+        """The parameter groups (the plan's, and any the strategy adds), the fp32 masters of
+        bf16 weights, the optimizer over them and the strategy's learning-rate schedule."""
+        groups = param_groups(
+            self.task.model,
+            self.plan,
+            settings.weight_decay,
+            settings.decay_norm_and_bias,
+            per_tensor=self.hooks.per_tensor_groups,
+        )
+        self.groups = groups + self.hooks.extra_groups(self.context)
+        self.trainable = [p for g in self.groups for p in g["params"]]
+        self.masters = MasterWeights(self.groups) if settings.weight_precision == "bf16" else None
+        stepped = self.masters.groups if self.masters else self.groups
+        # The tensors the optimizer steps: the trainable ones, or their fp32 masters.
+        self.stepped = [p for g in stepped for p in g["params"]]
+        self.optimizer = build_optimizer(stepped, settings)
+        schedule = self.hooks.schedule(self.steps_per_epoch * settings.epochs, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.context.optimizer, self.context.scheduler = self.optimizer, self.scheduler
+        self.context.groups = self.groups
+
+    def _make_examples(
+        self, train: pd.DataFrame, val: pd.DataFrame, settings: TrainSettings, seed: int
+    ) -> None:
+        """The training split's examples (augmented from ``seed``), the validation split's
+        (the same object when a run validates on its own training split), and the frozen-prefix
+        cache over them, off for a strategy that changes what trains within an epoch."""
+        modality = self.task.modality
+        self.train_examples = modality.examples(train, settings.augment, seed)
+        same = val is train and not settings.augment
+        self.val_examples = self.train_examples if same else modality.examples(val)
+        self.val_labels = val["label_id"].to_numpy()
+        self.prefix = PrefixState(
+            self.task, settings, self.train_examples, self.val_examples, self.device
+        )
+        if self.hooks.switches_within_epoch and self.prefix.enabled:
+            log.info("feature cache off: %s changes what trains within an epoch", self.plan.kind)
+            self.prefix.enabled = False
 
     # --- one epoch ------------------------------------------------------------------------
 
