@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from adaptune.config import read_config_file
 from adaptune.errors import AdaptuneError
@@ -34,7 +35,7 @@ def check(paths: list[str]) -> int:
 
 
 def predict(model: str, inputs: str, output: str, column: str | None, batch_size: int) -> int:
-    from adaptune.prediction import predict_file
+    from adaptune.prediction import predict_file  # torch and the models: not for `check`
 
     try:
         frame = predict_file(model, inputs, column, batch_size)
@@ -64,9 +65,7 @@ def merged(configs: list[dict]) -> dict:
 def sync_mlflow(paths: list[str]) -> int:
     """Bring the experiment's MLflow store up to date with its files (run in the workflow's
     folder, where ``results/`` is); print what was done."""
-    from pathlib import Path
-
-    from adaptune.records import sync
+    from adaptune.records import sync  # (the stages' modules: see adaptune.records)
 
     try:
         config = merged([read_config_file(path) for path in paths])
