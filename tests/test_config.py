@@ -184,3 +184,33 @@ def test_every_shipped_config_is_valid(path):
         config.check_schema(experiment)  # the Hub model is not here to tell its modality
     else:
         validate_config(experiment)
+
+
+def test_a_renamed_key_stops_naming_its_new_key():
+    experiment = minimal(importance={"hessian_batches": 2})
+    with pytest.raises(ConfigError) as error:
+        validate_config(experiment)
+    assert str(error.value) == (
+        "importance.hessian_batches was renamed: use importance.hessian_examples (it counts "
+        "calibration examples, not batches (default 8); renamed on 2026-11-24)"
+    )
+
+
+def test_every_moved_key_is_gone_from_the_schema_and_its_new_key_is_there():
+    def has(path: str) -> bool:
+        node = config.schema()
+        for part in path.split("."):
+            if part == "NAME":
+                node = node["$defs"]["strategy"]
+                continue
+            properties = node.get("properties", {})
+            if part not in properties:
+                return False
+            node = properties[part]
+            if "$ref" in node:
+                node = config.schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        return True
+
+    assert config.MOVED
+    for old, (new, _) in config.MOVED.items():
+        assert not has(old) and has(new), (old, new)

@@ -27,6 +27,16 @@ from adaptune.errors import ConfigError
 
 SCHEMA_FILE = "schema.yaml"
 
+# Keys that were renamed or moved, by their old path (``NAME`` stands for any strategy's name):
+# a config that still uses one stops with a message that names the new key. Add a line when a
+# key of the schema is renamed or moved.
+MOVED = {
+    "importance.hessian_batches": (
+        "importance.hessian_examples",
+        "it counts calibration examples, not batches (default 8); renamed on 2026-11-24",
+    ),
+}
+
 
 @functools.cache
 def schema() -> dict[str, Any]:
@@ -83,6 +93,9 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     where = _key_path([*([prefix] if prefix else []), *error.absolute_path])
     if error.validator == "additionalProperties":
         unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        for key in unknown:
+            if moved := _moved(f"{where}.{key}"):
+                return moved
         allowed = ", ".join(sorted(error.schema.get("properties", {})))
         keys = ", ".join(repr(k) for k in unknown)
         return f"{where}: unknown key {keys}; allowed here: {allowed}"
@@ -95,6 +108,19 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
         reasons = "; or ".join(sorted({e.message for e in error.context}))
         return f"{where} = {error.instance!r} is not allowed: {reasons}"
     return f"{where} = {error.instance!r}: {error.message}"
+
+
+def _moved(path: str) -> str | None:
+    """The message for a key path of :data:`MOVED` (``strategies.<name>.`` matching
+    ``strategies.NAME.``), or None."""
+    parts = path.split(".")
+    pattern = ".".join(["strategies", "NAME", *parts[2:]]) if parts[0] == "strategies" else path
+    if pattern not in MOVED:
+        return None
+    new, why = MOVED[pattern]
+    if parts[0] == "strategies":
+        new = new.replace("NAME", parts[1])
+    return f"{path} was renamed: use {new} ({why})"
 
 
 def _check(values: Any, pointer: str, prefix: str) -> None:
