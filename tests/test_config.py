@@ -214,3 +214,14 @@ def test_every_moved_key_is_gone_from_the_schema_and_its_new_key_is_there():
     assert config.MOVED
     for old, (new, _) in config.MOVED.items():
         assert not has(old) and has(new), (old, new)
+
+
+def test_an_exponent_without_a_dot_is_named_as_yaml_text():
+    """PyYAML reads ``lr: 1e-3`` as the string '1e-3' (YAML 1.1): the message says so."""
+    experiment = minimal(train=yaml.safe_load("lr: 1e-3"))
+    with pytest.raises(ConfigError) as error:
+        validate_config(experiment)
+    assert str(error.value) == (
+        "train.lr = '1e-3' is text, not a number: YAML reads an exponent without a dot as "
+        "text; write 1.0e-3"
+    )

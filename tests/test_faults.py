@@ -162,13 +162,17 @@ def test_empty_or_broken_csv_files_are_named(tmp_path, tiny_bert_dir, content, m
         ("tabs.csv", "\t", "tab ('\\t') (it splits the header line into text, label)"),
         ("tabs.tsv", "\t", "tab ('\\t') (the file ends in .tsv)"),
         ("bars.txt", "|", "vertical bar ('|') (it splits the header line into text, label)"),
+        ("news.csv.gz", ",", "comma (',') (it splits the header line into text, label)"),
+        ("semicolons.csv.bz2", ";", "semicolon (';') (it splits the header line into"),
+        ("tabs.tsv.xz", "\t", "tab ('\\t') (the file ends in .tsv.xz)"),
     ],
 )
 def test_a_csv_is_read_with_its_own_separator(
     tmp_path, tiny_bert_dir, name, separator, said, caplog
 ):
-    """Semicolons (a spreadsheet's CSV in many locales), a TSV given as csv:, a .tsv file and
-    vertical bars: each read whole, texts holding commas and the other separators intact."""
+    """Semicolons (a spreadsheet's CSV in many locales), a TSV given as csv:, a .tsv file,
+    vertical bars and compressed files (the separator found in what they hold): each read
+    whole, texts holding commas and the other separators intact."""
     caplog.set_level("INFO")
     rows = [{**r, "text": r["text"] + ", then; more | text"} for r in news_rows()]
     source = csv_file(tmp_path / name, rows, sep=separator)
@@ -195,6 +199,13 @@ def test_a_csv_that_does_not_parse_names_the_separator_it_tried(tmp_path, tiny_b
         r"data.separator\)\. Set data.text_column and data.label_column, or data.separator",
     ):
         prepare(tmp_path, tiny_bert_dir, source=f"csv:{semicolons}", separator=",")
+
+
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path, tiny_bert_dir):
+    lines = ["text,label,label"] + [f"{r['text']},{r['label']},x" for r in news_rows()]
+    (tmp_path / "twice.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"twice.csv: its header names 'label' 2 times; .*rename"):
+        prepare(tmp_path, tiny_bert_dir, source=f"csv:{tmp_path / 'twice.csv'}")
 
 
 def test_integral_float_labels_are_named_as_integers(tmp_path, tiny_bert_dir, caplog):

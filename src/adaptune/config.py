@@ -107,7 +107,29 @@ def describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
     if error.validator in ("oneOf", "anyOf") and error.context:
         reasons = "; or ".join(sorted({e.message for e in error.context}))
         return f"{where} = {error.instance!r} is not allowed: {reasons}"
+    if error.validator == "type" and isinstance(error.instance, str) and _is_number(error.instance):
+        # PyYAML follows YAML 1.1: 1e-3 (no dot) is text, 1.0e-3 a number.
+        return (
+            f"{where} = {error.instance!r} is text, not a number: YAML reads an exponent "
+            f"without a dot as text; write {_with_dot(error.instance)}"
+        )
     return f"{where} = {error.instance!r}: {error.message}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_dot(text: str) -> str:
+    """``1e-3`` as YAML reads it as a number: ``1.0e-3``."""
+    mantissa, sep, exponent = text.lower().partition("e")
+    if sep and "." not in mantissa:
+        return f"{mantissa}.0e{exponent}"
+    return text
 
 
 def _moved(path: str) -> str | None:

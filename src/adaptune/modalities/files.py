@@ -5,12 +5,16 @@ content fingerprint that decides when what reads them reruns.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import csv
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +41,31 @@ def local_file(settings: DataSettings) -> Path:
 
 SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "vertical bar"}
 SNIFF_BYTES = 1 << 16
+# The compressed files pandas reads by their suffix, and how to read their first bytes.
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def table_suffix(path: Path) -> str:
+    """The suffix that says what a file holds: ``.tsv`` for ``news.tsv.gz`` too."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in (*COMPRESSED, ".zip"):
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def first_bytes(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of what ``path`` holds, decompressed where pandas would
+    decompress it (``.gz``, ``.bz2``, ``.xz``, a ``.zip`` of one file)."""
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if len(names) != 1:
+                raise DataError(f"{path}: a zip of {len(names)} files; give one file")
+            with archive.open(names[0]) as stream:
+                return stream.read(size)
+    with COMPRESSED.get(suffix, open)(path, "rb") as stream:
+        return stream.read(size)
 
 
 def separator_name(separator: str) -> str:
@@ -55,10 +84,13 @@ def choose_separator(
     finds in the first lines; else a comma."""
     if separator:
         return separator, "data.separator"
-    if path.suffix.lower() in (".tsv", ".tab"):
-        return "\t", f"the file ends in {path.suffix}"
-    with path.open("rb") as stream:
-        sample = stream.read(SNIFF_BYTES).decode(encoding, errors="replace").lstrip("\ufeff")
+    if table_suffix(path) in (".tsv", ".tab"):
+        return "\t", f"the file ends in {''.join(path.suffixes[-2:])}"
+    try:
+        head = first_bytes(path, SNIFF_BYTES)
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: cannot read it as a {path.suffix} file: {err}") from err
+    sample = head.decode(encoding, errors="replace").lstrip("\ufeff")
     header = sample.splitlines()[0] if sample.strip() else ""
     for candidate in SEPARATORS:
         fields = [f.strip() for f in next(csv.reader([header], delimiter=candidate), [])]
@@ -69,6 +101,21 @@ def choose_separator(
     except csv.Error:
         return ",", "the default; no other separator fits its first lines"
     return sniffed, "sniffed from its first lines"
+
+
+def check_unique_columns(path: Path, encoding: str, separator: str, columns: Sequence[str]) -> None:
+    """Refuse a header that names one of ``columns`` more than once (pandas would read the
+    first and rename the others ``NAME.1``, silently)."""
+    head = first_bytes(path, SNIFF_BYTES).decode(encoding, errors="replace").lstrip("\ufeff")
+    lines = head.splitlines()
+    fields = [f.strip() for f in next(csv.reader(lines[:1], delimiter=separator), [])]
+    twice = [c for c in columns if fields.count(c) > 1]
+    if twice:
+        counts = ", ".join(f"{c!r} {fields.count(c)} times" for c in twice)
+        raise DataError(
+            f"{path}: its header names {counts}; which one holds the data is ambiguous: "
+            "rename the others"
+        )
 
 
 def read_csv(
@@ -90,6 +137,7 @@ def read_csv(
             path, encoding=encoding, sep=chosen, dtype=dict.fromkeys(columns_as_text, str)
         )
         frame.attrs["separator"] = f"fields separated by {separator_name(chosen)}: {why}"
+        check_unique_columns(path, encoding, chosen, columns_as_text)
         return frame
     except UnicodeDecodeError as err:
         raise DataError(
