@@ -225,3 +225,10 @@ def test_an_exponent_without_a_dot_is_named_as_yaml_text():
         "train.lr = '1e-3' is text, not a number: YAML reads an exponent without a dot as "
         "text; write 1.0e-3"
     )
+
+
+@pytest.mark.parametrize("key", ["text_column", "image_column"])
+def test_an_input_column_that_is_the_label_column_is_refused(key):
+    experiment = minimal(data={"source": "bundled:bbc-news", key: "topic", "label_column": "topic"})
+    with pytest.raises(ConfigError, match=rf"data.{key} and data.label_column are both 'topic'"):
+        validate_config(experiment)

@@ -92,6 +92,12 @@ class DataSettings:
                 f"data.val_size + data.test_size = {self.val_size + self.test_size} leaves no "
                 "training examples; make their sum less than 1"
             )
+        for key in ("text_column", "image_column"):
+            if getattr(self, key) == self.label_column:
+                raise ConfigError(
+                    f"data.{key} and data.label_column are both {self.label_column!r}: the "
+                    "model would be given its answer; name the input and the label columns"
+                )
 
     @property
     def kind(self) -> str:
