@@ -8,6 +8,7 @@ takes minutes, so it runs only when asked for: ``pytest -m cluster`` (or
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,14 @@ import pytest
 from .conftest import Workflow, news_sample_config
 from .services import run_with_timeout, slurm_cluster
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    # Without the plugin, snakemake stops at its arguments ("invalid choice: 'slurm'").
+    pytest.mark.skipif(
+        importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+        reason='needs the SLURM executor plugin: pip install -e ".[slurm]"',
+    ),
+]
 
 # What goes through sbatch, and what the profile runs in the submitting process.
 CLUSTER_RULES = {"prepare_data", "score_importance", "fit_baseline", "finetune", "evaluate"}
