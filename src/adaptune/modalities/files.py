@@ -75,25 +75,35 @@ def separator_name(separator: str) -> str:
     )
 
 
-def choose_separator(
-    path: Path, encoding: str, columns: Sequence[str], separator: str = ""
-) -> tuple[str, str]:
-    """The field separator of the CSV ``path`` and why it was chosen: ``separator`` when set;
-    a tab for ``.tsv`` and ``.tab`` files; else the candidate (comma, semicolon, tab, vertical
-    bar) that splits the header line into all of ``columns``; else what :class:`csv.Sniffer`
-    finds in the first lines; else a comma."""
-    if separator:
-        return separator, "data.separator"
-    if table_suffix(path) in (".tsv", ".tab"):
-        return "\t", f"the file ends in {''.join(path.suffixes[-2:])}"
+def first_lines(path: Path, encoding: str) -> str:
+    """The first :data:`SNIFF_BYTES` of what the CSV ``path`` holds, as text (a BOM dropped):
+    what the separator and the header are read from."""
     try:
         head = first_bytes(path, SNIFF_BYTES)
     except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: cannot read it as a {path.suffix} file: {err}") from err
-    sample = head.decode(encoding, errors="replace").lstrip("\ufeff")
-    header = sample.splitlines()[0] if sample.strip() else ""
+    return head.decode(encoding, errors="replace").lstrip("\ufeff")
+
+
+def header_fields(sample: str, separator: str) -> list[str]:
+    """The header line of ``sample`` split at ``separator``, each field stripped."""
+    header = sample.splitlines()[:1]
+    return [f.strip() for f in next(csv.reader(header, delimiter=separator), [])]
+
+
+def choose_separator(
+    path: Path, sample: str, columns: Sequence[str], separator: str = ""
+) -> tuple[str, str]:
+    """The field separator of the CSV ``path`` (whose first lines are ``sample``) and why it
+    was chosen: ``separator`` when set; a tab for ``.tsv`` and ``.tab`` files; else the
+    candidate (comma, semicolon, tab, vertical bar) that splits the header line into all of
+    ``columns``; else what :class:`csv.Sniffer` finds in the first lines; else a comma."""
+    if separator:
+        return separator, "data.separator"
+    if table_suffix(path) in (".tsv", ".tab"):
+        return "\t", f"the file ends in {''.join(path.suffixes[-2:])}"
     for candidate in SEPARATORS:
-        fields = [f.strip() for f in next(csv.reader([header], delimiter=candidate), [])]
+        fields = header_fields(sample, candidate)
         if columns and all(column in fields for column in columns):
             return candidate, f"it splits the header line into {', '.join(columns)}"
     try:
@@ -103,12 +113,10 @@ def choose_separator(
     return sniffed, "sniffed from its first lines"
 
 
-def check_unique_columns(path: Path, encoding: str, separator: str, columns: Sequence[str]) -> None:
+def check_unique_columns(path: Path, sample: str, separator: str, columns: Sequence[str]) -> None:
     """Refuse a header that names one of ``columns`` more than once (pandas would read the
     first and rename the others ``NAME.1``, silently)."""
-    head = first_bytes(path, SNIFF_BYTES).decode(encoding, errors="replace").lstrip("\ufeff")
-    lines = head.splitlines()
-    fields = [f.strip() for f in next(csv.reader(lines[:1], delimiter=separator), [])]
+    fields = header_fields(sample, separator)
     twice = [c for c in columns if fields.count(c) > 1]
     if twice:
         counts = ", ".join(f"{c!r} {fields.count(c)} times" for c in twice)
@@ -131,13 +139,14 @@ def read_csv(
     and a column of numbers with a gap does not become floats). ``fix`` says how a user
     chooses another separator, for messages."""
     try:
-        chosen, why = choose_separator(path, encoding, columns_as_text, separator)
+        sample = first_lines(path, encoding)
+        chosen, why = choose_separator(path, sample, columns_as_text, separator)
         log.info("%s: fields separated by %s (%s)", path, separator_name(chosen), why)
         frame = pd.read_csv(
             path, encoding=encoding, sep=chosen, dtype=dict.fromkeys(columns_as_text, str)
         )
         frame.attrs["separator"] = f"fields separated by {separator_name(chosen)}: {why}"
-        check_unique_columns(path, encoding, chosen, columns_as_text)
+        check_unique_columns(path, sample, chosen, columns_as_text)
         return frame
     except UnicodeDecodeError as err:
         raise DataError(
