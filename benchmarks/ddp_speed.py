@@ -28,7 +28,7 @@ import torch
 
 from adaptune import distributed, modalities, training
 from adaptune.data import prepare, sample_few_shot
-from adaptune.plans import Plan, TensorPlan
+from adaptune.plans import Plan
 from adaptune.settings import DataSettings, ModelSettings, TrainSettings
 
 MODEL = "bundled:all-MiniLM-L6-v2"
@@ -45,14 +45,7 @@ def train_run(job: dict[str, Any]) -> None:
     train = sample_few_shot(splits["train"], job["shots"], 0)
     val = sample_few_shot(splits["val"], 2, 0)
     task = modalities.for_data(info).load_pretrained(model, 0)
-    plan = Plan(
-        "full",
-        "full",
-        [
-            TensorPlan(n, "l", 0, p.numel(), False, 1.0, "")
-            for n, p in task.model.named_parameters()
-        ],
-    )
+    plan = Plan.train_everything(task.model)
     settings = TrainSettings.from_config(
         {"epochs": job["epochs"], "batch_size": job["batch_size"], "device": "cpu"}
     )

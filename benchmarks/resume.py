@@ -41,7 +41,7 @@ def child(folder: Path, epochs: int, every_steps: int, threads: int) -> None:
     from adaptune import modalities, training
     from adaptune.checkpoints import Checkpoints
     from adaptune.data import prepare, sample_few_shot
-    from adaptune.plans import Plan, TensorPlan
+    from adaptune.plans import Plan
     from adaptune.settings import DataSettings, ModelSettings, TrainSettings
 
     torch.set_num_threads(threads)
@@ -57,14 +57,7 @@ def child(folder: Path, epochs: int, every_steps: int, threads: int) -> None:
     splits, info = prepare(data, model)
     train, val = sample_few_shot(splits["train"], 16, 0), sample_few_shot(splits["val"], 4, 0)
     task = modalities.for_data(info).load_pretrained(model, 0)
-    plan = Plan(
-        "full",
-        "full",
-        [
-            TensorPlan(n, "l", 0, p.numel(), False, 1.0, "")
-            for n, p in task.model.named_parameters()
-        ],
-    )
+    plan = Plan.train_everything(task.model)
     settings = TrainSettings.from_config(
         {
             "epochs": epochs,

@@ -70,6 +70,16 @@ class Plan:
     # (:class:`adaptune.strategies.base.StrategyKind` ``schedule``); empty for the others.
     schedule: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def train_everything(cls, model: Any) -> Self:
+        """Full fine-tuning of ``model`` (a ``torch.nn.Module``) without scores: every
+        parameter tensor trains at the base learning rate (for benchmarks that time training
+        alone)."""
+        tensors = [
+            TensorPlan(n, "l", 0, p.numel(), False, 1.0, "") for n, p in model.named_parameters()
+        ]
+        return cls("full", "full", tensors)
+
     @property
     def totals(self) -> dict[str, float | int]:
         params = sum(t.numel for t in self.tensors)
