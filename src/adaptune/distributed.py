@@ -33,7 +33,6 @@ import importlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adaptune.devices import rank_device
 from adaptune.layers import find_blocks
+from adaptune.signals import handling_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -330,15 +330,8 @@ def forwarding_sigterm(process: subprocess.Popen) -> Iterator[None]:
     """SIGTERM to this process (Snakemake or SLURM stopping the job) goes on to ``process``
     (torchrun, which passes it to its workers: each saves a checkpoint and stops), and this
     process waits for it instead of dying at once and leaving it behind."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
-    except ValueError:  # not the main thread
+    with handling_sigterm(lambda signum, frame: process.terminate()):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

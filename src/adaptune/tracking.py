@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import re
-import signal
 import time
 import urllib.error
 import urllib.parse
@@ -54,6 +53,7 @@ from typing import Any, TypeVar
 
 from adaptune.errors import ConfigError
 from adaptune.logs import NOTICE
+from adaptune.signals import handling_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -497,15 +497,8 @@ def _stop_on_sigterm() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise Interrupted(f"signal {signum}")
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
+    with handling_sigterm(interrupt):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
