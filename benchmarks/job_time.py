@@ -1,7 +1,9 @@
 """Where a pipeline's seconds go, job by job: the wall time and peak memory Snakemake measured
 for each job (its ``benchmark:`` files), and for ``finetune`` and ``evaluate`` jobs the phases
-the stage timed itself (:mod:`adaptune.timing`: start-up, loading, training or inference, saving,
-MLflow logging), so that the seconds outside the work stand apart.
+the stage timed itself (:mod:`adaptune.timing`: start-up, loading, training or inference,
+checkpoints, saving, MLflow logging; ``untimed``: the rest of the job's wall time), so that the
+seconds outside the work (the job's wall time less its training, inference and drift) stand
+apart.
 
     python benchmarks/job_time.py --run [--configfile config/config.yaml] [--cores 2]
     python benchmarks/job_time.py results/<experiment>      # a pipeline that already ran
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from adaptune.timing import WORK
 
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("Snakefile", "rules", "scripts", "config", "envs", "profiles", "report")
@@ -55,7 +59,11 @@ def job_table(results: Path) -> pd.DataFrame:
         row = {"stage": stage, "job": job, "wall": measured["s"], "max_rss_mb": measured["max_rss"]}
         phases = timed_phases(results, stage, job)
         if phases:
-            row.update(phases)
+            # Outside the work: the job's whole wall time (Snakemake's measure, start-up and
+            # the script's preamble included) less its training, inference and drift.
+            row.update({k: v for k, v in phases.items() if k not in ("outside_work", "total")})
+            row["untimed"] = row["wall"] - phases["total"]
+            row["outside_work"] = row["wall"] - sum(phases.get(k, 0.0) for k in WORK)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -51,6 +52,8 @@ def run(
     every_steps: int = 0,
     kill_at: int = -1,
     kind: str = "full",
+    every_seconds: float = 0.0,
+    clock=None,
     **values,
 ):
     """Three epochs of the tiny BERT (dropout on: the random state matters) on 20 examples in
@@ -61,7 +64,10 @@ def run(
     task = tiny_task(tiny_bert_dir, ["a", "b", "c"])
     values = {"optimizer": "adamw", "lr": 1e-2, "epochs": 3, "batch_size": 8, **values}
     settings = TrainSettings.from_config({**values, "checkpoint": {"every_steps": every_steps}})
-    saved = Checkpoints(folder, {"job": "test"}, every_steps) if folder else None
+    saved = Checkpoints(folder, {"job": "test"}, every_steps, every_seconds) if folder else None
+    if saved and clock:
+        saved.clock = clock
+        saved.last_saved = clock()
     step = training.TrainingLoop.step
 
     def killable(loop, *args, **kwargs):
@@ -125,6 +131,28 @@ def test_a_resumed_run_is_bit_identical_to_one_never_stopped(
     finally:
         training.set_rng_state = restore
     assert any(not torch.equal(careless[n], whole[n]) for n in whole)
+
+
+def test_an_epoch_end_saves_once_its_interval_has_passed(tiny_bert_dir, tmp_path, monkeypatch):
+    saves = []
+
+    def save(self, state):  # what save does to the clock, without writing
+        saves.append(state["epoch"])
+        self.last_saved = self.clock()
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+    run(tiny_bert_dir, tmp_path / "every", every_seconds=0)
+    assert saves == [1, 2, 3]  # 0: every epoch
+    saves.clear()
+    # A clock read when the job starts (0 s), at each epoch's end and after each save: epoch
+    # 1 ends at 30 s, epoch 2 at 60 s (saved), epoch 3 at 100 s (40 s after that save).
+    readings = iter([0.0, 30.0, 60.0, 60.0, 100.0])
+    run(tiny_bert_dir, tmp_path / "timed", every_seconds=50, clock=lambda: next(readings))
+    assert saves == [2]
+    saves.clear()
+    # The step interval falling on an epoch's last step saves at its end (3 steps an epoch).
+    run(tiny_bert_dir, tmp_path / "steps", every_steps=3, every_seconds=3600)
+    assert saves == [1, 2, 3]
 
 
 def test_a_checkpoint_of_other_settings_or_code_is_set_aside_not_resumed(tmp_path, caplog):
@@ -204,6 +232,7 @@ def gradual_config(model_dir: Path) -> dict:
     }
     config["baselines"] = []
     config["train"].update(epochs=EPOCHS, batch_size=8)
+    config["train"]["checkpoint"] = {"every_seconds": 0}  # a checkpoint every epoch
     return config
 
 
@@ -335,3 +364,54 @@ def test_a_killed_finetune_job_resumes_bit_identical_in_its_own_mlflow_run(
         config["train"]["checkpoint"] = {"every_steps": 2}
         flow.write_config(config)
         assert "finetune" not in flow.dry_run_jobs(target(flow))
+
+
+@pytest.mark.workflow
+def test_epochs_logged_after_the_last_checkpoint_reach_the_resumed_run_once(
+    prepared, tmp_path, monkeypatch
+):
+    """A checkpoint need not follow every epoch (``train.checkpoint.every_seconds``): the
+    epochs a killed job logged after its last save run again when it resumes, and their
+    values reach its MLflow run once. The finetune job in process, from the prepared
+    workflow's files, killed where a step would begin."""
+    from adaptune.finetune import FinetuneJob, run_finetune
+
+    template, uninterrupted, _ = prepared
+    shutil.copytree(template.parent / "flow" / "results", tmp_path / "results", symlinks=True)
+    monkeypatch.chdir(tmp_path)
+    job = json.loads((Path("results/resume") / RUN / "settings.json").read_text())["job"]
+    # checkpoints at steps 4 (within epoch 2), 8 and 12, never for time
+    job["train"]["checkpoint"] = {"enabled": True, "every_steps": 4, "every_seconds": 3600}
+    job["outputs"] = {k: v.replace("/seed0/", "/again/") for k, v in job["outputs"].items()}
+    folder = Path(job["outputs"]["model"]).parent
+    folder.mkdir(parents=True)
+    step = training.TrainingLoop.step
+
+    def killed_before_step_8(loop, *args, **kwargs):
+        if loop.global_step == 7:  # epoch 2 (steps 4-6) ended and was logged; no save since 4
+            raise Killed
+        return step(loop, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workflow's job ran (--cores 1)
+    try:
+        monkeypatch.setattr(training.TrainingLoop, "step", killed_before_step_8)
+        with pytest.raises(Killed):
+            run_finetune(FinetuneJob.from_dict(job))
+        state = Checkpoints(folder / ".checkpoint", {}).read()
+        assert (state["epoch"], state["steps_done"], state["global_step"]) == (2, 1, 4)
+        run_id = (folder / "mlflow_run_id").read_text().strip()
+        client = tracking._client("sqlite:///results/mlflow.db")
+        assert [m.step for m in client.get_metric_history(run_id, "val_macro_f1")] == [1, 2]
+        monkeypatch.setattr(training.TrainingLoop, "step", step)
+        run_finetune(FinetuneJob.from_dict(job))
+    finally:
+        torch.set_num_threads(threads)
+    assert (folder / "mlflow_run_id").read_text().strip() == run_id  # the same run
+    for metric, steps in (
+        ("val_macro_f1", range(1, EPOCHS + 1)),
+        ("train_loss_step", range(1, EPOCHS * STEPS + 1)),
+    ):
+        logged = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert sorted(logged) == list(steps), metric  # epoch 2 and its steps once
+    assert (folder / "model/model.safetensors").read_bytes() == uninterrupted

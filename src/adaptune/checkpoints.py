@@ -2,12 +2,14 @@
 job, and the SIGTERM that asks for one.
 
 On a shared cluster jobs are preempted and cut by time limits; without a checkpoint a rerun
-starts over from epoch 0. A job with ``train.checkpoint.enabled`` saves, at each epoch's end
-(and every ``train.checkpoint.every_steps`` optimizer steps, and after the step it is in when
-SIGTERM comes), everything the training loop needs to continue as if it had never stopped
-(:meth:`adaptune.training.TrainingLoop.state_dict`), and the MLflow run it logs into. A rerun
-of the job (``--rerun-incomplete``, SLURM's requeue) finds it and continues; on the CPU with
-the same thread count the finished run is bit-identical to an uninterrupted one.
+starts over from epoch 0. A job with ``train.checkpoint.enabled`` saves, at the end of the
+first epoch that ends ``train.checkpoint.every_seconds`` after its last save (0: at every
+epoch's end), every ``train.checkpoint.every_steps`` optimizer steps if that is set, and after
+the step it is in when SIGTERM comes, everything the training loop needs to continue as if it
+had never stopped (:meth:`adaptune.training.TrainingLoop.state_dict`), and the MLflow run it
+logs into. A rerun of the job (``--rerun-incomplete``, SLURM's requeue) finds it and continues;
+on the CPU with the same thread count the finished run is bit-identical to an uninterrupted
+one.
 
 The rules it keeps:
 
@@ -89,12 +91,22 @@ class Checkpoints:
     """One job's checkpoint folder: :meth:`load` (or set aside a stale one), :meth:`save`,
     :meth:`remove`. ``fingerprint`` maps each part of what the job computes to its digest."""
 
-    def __init__(self, folder: str | Path, fingerprint: Mapping[str, str], every_steps: int = 0):
+    def __init__(
+        self,
+        folder: str | Path,
+        fingerprint: Mapping[str, str],
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+    ):
         self.folder = Path(folder)
         self.fingerprint = {**fingerprint, "format": str(FORMAT)}
         self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.clock = time.monotonic
+        self.last_saved = self.clock()  # (or when the job began)
         # Saved with every state: what the job around the loop needs back (the MLflow run id).
         self.carry: dict[str, Any] = {}
+        self.seconds = 0.0  # spent saving, by this process
 
     @property
     def path(self) -> Path:
@@ -151,7 +163,9 @@ class Checkpoints:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(partial, self.path)
+        self.last_saved = self.clock()
         seconds = time.perf_counter() - start
+        self.seconds += seconds
         log.info(
             "checkpoint %s epoch %d (step %d of the run; %.1f MB, %.2f s)",
             "after" if state["epoch_done"] else "within",
@@ -165,6 +179,14 @@ class Checkpoints:
     def due(self, global_step: int) -> bool:
         """Whether the step interval calls for a checkpoint after ``global_step`` steps."""
         return self.every_steps > 0 and global_step % self.every_steps == 0
+
+    def due_at_epoch_end(self, global_step: int) -> bool:
+        """Whether an epoch that ends after ``global_step`` steps saves one: every epoch with
+        ``every_seconds`` 0, else once ``every_seconds`` passed since the last save (a save
+        of a large model takes seconds: a short job need not pay it every epoch), or when the
+        step interval falls on the epoch's last step."""
+        elapsed = self.clock() - self.last_saved
+        return self.every_seconds <= 0 or elapsed >= self.every_seconds or self.due(global_step)
 
     def remove(self) -> None:
         """Delete the checkpoint (the job has written its outputs)."""

@@ -140,6 +140,9 @@ def run_finetune(job: FinetuneJob) -> TrainResult:
             log_run_inputs(run, job, info, plan_section(plan), str(device), frames)
         if saved:
             saved.carry["run_id"] = run.run_id
+        # A resumed job runs again the epochs after its checkpoint, which the killed attempt
+        # may have logged (a checkpoint need not follow every epoch): each value once.
+        log_steps = run.log_steps_once if resume else run.log_steps
         clock.lap("mlflow_inputs")
         result = train(
             task,
@@ -149,21 +152,22 @@ def run_finetune(job: FinetuneJob) -> TrainResult:
             settings,
             key.seed,
             device,
-            on_epoch=lambda row: run.log_metrics(epoch_metrics(row), step=int(row["epoch"])),
-            on_steps=run.log_steps,
+            on_epoch=lambda row: log_steps([{**epoch_metrics(row), "step": int(row["epoch"])}]),
+            on_steps=log_steps,
             checkpoints=saved,
             resume=resume,
         )
         clock.lap("train")
+        clock.split("train", "checkpoint", saved.seconds if saved else 0.0)
         for warning in result.warnings:
             log.warning("%s", warning)
         summary = save_run(job, task, plan, model, settings, result, str(device), tags)
         clock.lap("save")
-        # Where the job's seconds went up to here (benchmarks/job_time.py); the file is what
-        # MLflow logs, so it is written once.
+        log_run_outputs(run, job, summary, task.modality, train_frame.head(2))
+        clock.lap("mlflow_outputs")
+        # Where the job's seconds went (benchmarks/job_time.py).
         summary["job_seconds"] = clock.report("finetune")
         Path(job.outputs["summary"]).write_text(json.dumps(summary, indent=2) + "\n")
-        log_run_outputs(run, job, summary, task.modality, train_frame.head(2))
         if saved:
             saved.remove()
     return result
@@ -195,7 +199,8 @@ def job_checkpoints(
         "code": checkpoints.code_digest(),
     }
     folder = Path(job.outputs["run_id"]).parent / ".checkpoint"
-    return checkpoints.Checkpoints(folder, fingerprint, settings.checkpoint.every_steps)
+    every = settings.checkpoint
+    return checkpoints.Checkpoints(folder, fingerprint, every.every_steps, every.every_seconds)
 
 
 def epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:

@@ -216,12 +216,13 @@ PLAN_MEMORY_SETTINGS = (
 @dataclass(frozen=True)
 class CheckpointSettings:
     """``train.checkpoint``: whether a ``finetune`` job keeps what it needs to resume after it
-    is killed (``enabled``), at each epoch's end and, with ``every_steps`` > 0, every that many
-    optimizer steps too (:mod:`adaptune.checkpoints`). How often a job checkpoints changes
-    none of its results."""
+    is killed (``enabled``), at the end of the first epoch ``every_seconds`` after its last
+    save (0: every epoch) and, with ``every_steps`` > 0, every that many optimizer steps too
+    (:mod:`adaptune.checkpoints`). How often a job checkpoints changes none of its results."""
 
     enabled: bool = True
     every_steps: int = 0
+    every_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

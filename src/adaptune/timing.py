@@ -38,6 +38,12 @@ class StageClock:
         self.phases[name] = self.phases.get(name, 0.0) + now - self.last
         self.last = now
 
+    def split(self, phase: str, part: str, seconds: float) -> None:
+        """``seconds`` of phase ``phase`` were phase ``part`` (timed inside it: the
+        checkpoints a training phase saved)."""
+        self.phases[phase] = self.phases.get(phase, 0.0) - seconds
+        self.phases[part] = self.phases.get(part, 0.0) + seconds
+
     def seconds(self) -> dict[str, float]:
         """Each phase's seconds, ``outside_work`` (all but :data:`WORK`) and ``total`` (since
         the process started)."""

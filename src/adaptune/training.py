@@ -553,6 +553,15 @@ class TrainingLoop:
         self.stop.requested = asked
         return asked or (not last and self.checkpoints.due(self.global_step))
 
+    def epoch_checkpoint_due(self) -> bool:
+        """At an epoch's end: whether to save a checkpoint now, because SIGTERM came (on any
+        rank) or the epoch ends an interval (:meth:`Checkpoints.due_at_epoch_end`, by rank
+        0's clock: the ranks save together)."""
+        if self.checkpoints is None:
+            return False
+        timely = self.checkpoints.due_at_epoch_end(self.global_step)
+        return self.checkpoint_due(last=True) or distributed.from_main(timely, self.world)
+
     def stop_if_asked(self) -> None:
         """After a checkpoint: end the job if SIGTERM asked for it."""
         if self.stop.requested:
@@ -745,12 +754,14 @@ def train(
     (on every rank: tracking is rank 0's caller's business). ``workers`` processes prepare the
     training batches.
 
-    With ``checkpoints`` (:mod:`adaptune.checkpoints`), the run saves its state after each
-    epoch (before the epoch's rows go to the callbacks: the checkpoint holds them as
+    With ``checkpoints`` (:mod:`adaptune.checkpoints`), the run saves its state after an
+    epoch that ends its interval (every epoch, or the first ``every_seconds`` after the last
+    save; before the epoch's rows go to the callbacks: the checkpoint holds them as
     ``pending`` until they are logged), at the step interval, and on SIGTERM (after the step
-    it is in; then the signal takes its course). ``resume`` is such a state (rank 0's, as
-    :meth:`Checkpoints.load` found it; the other ranks read the same file): the run continues
-    where it was saved."""
+    it is in; then the signal takes its course). Rows logged after the last save are logged
+    again by a resumed run: its callbacks must log each (metric, step) once. ``resume`` is
+    such a state (rank 0's, as :meth:`Checkpoints.load` found it; the other ranks read the
+    same file): the run continues where it was saved."""
     loop = TrainingLoop(task, plan, train, val, settings, seed, device, workers, checkpoints)
     try:
         first, partial = 1, None
@@ -768,14 +779,17 @@ def train(
                 row = loop.validate(epoch, steps)
                 row["epoch_seconds"] = time.perf_counter() - started
                 loop.keep_if_best(row)
-                if checkpoints is not None:
-                    pending = {"steps": steps, "epoch": row}
+                pending = {"steps": steps, "epoch": row}
+                saved = loop.epoch_checkpoint_due()
+                if saved:
                     loop.save_checkpoint(epoch, 0, steps, 0.0, pending)
                 if on_steps is not None:
                     on_steps(steps)
                 if on_epoch is not None:
                     on_epoch(row)
                 if checkpoints is not None and loop.checkpoint_due(last=True):
+                    if not saved:  # SIGTERM came while the epoch's rows were logged
+                        loop.save_checkpoint(epoch, 0, steps, 0.0, pending)
                     loop.stop_if_asked()
                 if loop.should_stop(epoch):
                     log.info(
