@@ -166,6 +166,14 @@ def inference_settings(wildcards):
     return {key: train[key] for key in ("device", "precision", "eval_batch_size")}
 
 
+def experiment_inference_settings():
+    """inference_settings without a strategy's overrides: how what every run shares (the
+    pretrained model's features) is computed."""
+    return {
+        key: config["train"][key] for key in ("device", "precision", "eval_batch_size")
+    }
+
+
 def mlflow_settings(wildcards=None):
     return {
         "tracking_uri": config["mlflow"]["tracking_uri"],

@@ -19,10 +19,32 @@ rule shift_test_split:
         "../scripts/shift_test_split.py"
 
 
+rule pretrained_features:
+    input:
+        test=DATA / "test.parquet",
+        info=DATA / "data.json",
+    output:
+        features=EXP / "pretrained/test_features.npy",
+    log:
+        LOGS / "pretrained_features.log",
+    benchmark:
+        BENCH / "pretrained_features.tsv"
+    conda:
+        ENV
+    threads: 4
+    params:
+        inference=experiment_inference_settings(),
+        model=config["model"],
+        model_content=EXTERNAL.model_fingerprint,
+    script:
+        "../scripts/pretrained_features.py"
+
+
 rule evaluate:
     input:
         model=RUN / "model",
         test=DATA / "test.parquet",
+        pretrained=EXP / "pretrained/test_features.npy",
         shifted=expand(DATA / "shifts/{shift}.parquet", shift=SHIFTS),
         info=DATA / "data.json",
         summary=RUN / "train_summary.json",
@@ -50,7 +72,7 @@ rule evaluate:
     params:
         inference=inference_settings,
         shifts=SHIFTS,
-        # drift from the pretrained model (weight change, CKA) loads it again
+        # the weight change from the pretrained model loads it again
         model=config["model"],
         model_content=EXTERNAL.model_fingerprint,
     script:

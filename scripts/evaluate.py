@@ -28,4 +28,5 @@ with to_log_file(snakemake.log[0]):
         outputs=dict(snakemake.output.items()),
         shifted=dict(zip(snakemake.params.shifts, snakemake.input.shifted, strict=True)),
         model=ModelSettings.from_config(snakemake.params.model),
+        pretrained_features=snakemake.input.pretrained,
     )

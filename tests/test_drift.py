@@ -142,8 +142,10 @@ def test_evaluate_records_drift_in_its_metrics(tiny_bert_dir, tmp_path):
     evaluation.tracking.read_experiment = lambda path: {}
     evaluation.tracking.existing_run = lambda experiment, run_id: run
     (tmp_path / "run_id").write_text("x\n")
-    try:
-        metrics = evaluation.run_evaluate(
+    model = ModelSettings.from_config(f"path:{tiny_bert_dir}")
+
+    def evaluate(pretrained_features=None):
+        return evaluation.run_evaluate(
             str(tmp_path / "model"),
             str(tmp_path / "test.parquet"),
             str(tmp_path / "data.json"),
@@ -154,12 +156,32 @@ def test_evaluate_records_drift_in_its_metrics(tiny_bert_dir, tmp_path):
             8,
             "fp32",
             outputs,
-            model=ModelSettings.from_config(f"path:{tiny_bert_dir}"),
+            model=model,
+            pretrained_features=pretrained_features,
         )
+
+    try:
+        metrics = evaluate()
+        written = json.loads((tmp_path / "metrics.out").read_text())
+        # the pretrained model's features computed once for the experiment (the
+        # pretrained_features stage): the same drift
+        features = tmp_path / "features.npy"
+        evaluation.run_pretrained_features(
+            str(tmp_path / "test.parquet"),
+            str(tmp_path / "data.json"),
+            model,
+            "cpu",
+            8,
+            "fp32",
+            str(features),
+        )
+        assert np.load(features).shape == (12, 32)
+        again = evaluate(str(features))
     finally:
         evaluation.tracking.read_experiment, evaluation.tracking.existing_run = original
-    written = json.loads((tmp_path / "metrics.out").read_text())
     assert written["weight_change"] == metrics["weight_change"] > 0
     assert 0 < written["cka_drift"] <= 1
     assert run.metrics["weight_change"] == metrics["weight_change"]
-    assert run.stages == ["evaluate"]
+    assert run.stages == ["evaluate", "evaluate"]
+    assert again["cka_drift"] == metrics["cka_drift"]
+    assert again["weight_change"] == metrics["weight_change"]

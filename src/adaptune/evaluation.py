@@ -1,7 +1,7 @@
 """Predictions and test metrics: accuracy, macro-F1, per-class precision/recall/F1 and the
 confusion matrix, in distribution and on shifted copies of the test split; how far fine-tuning
 moved the model from its pretrained weights (relative weight change and 1 - linear CKA of the
-body's features); the ``shift_test_split`` and ``evaluate`` stages."""
+body's features); the ``shift_test_split``, ``pretrained_features`` and ``evaluate`` stages."""
 
 from __future__ import annotations
 
@@ -355,6 +355,20 @@ def shift_metrics(
     }
 
 
+def body_features(
+    task: TaskModel,
+    test: pd.DataFrame,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """The body's features of ``task`` for every example of ``test`` (:class:`HeadInputs`)."""
+    features = HeadInputs(task, len(test))
+    predict(task, test, batch_size, device, precision, head_inputs=features)
+    assert features.features is not None  # (a split has examples: prepare_data sees to it)
+    return features.features
+
+
 def drift(
     pretrained: TaskModel,
     finetuned: TaskModel,
@@ -363,22 +377,54 @@ def drift(
     device: torch.device,
     precision: str = "auto",
     finetuned_features: HeadInputs | None = None,
+    pretrained_features: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, float]:
     """How far fine-tuning moved the model from its pretrained weights: ``weight_change``, the
     body's relative weight change (:func:`weight_change`), and ``cka_drift``, 1 - linear CKA
     (:func:`linear_cka`) between the two bodies' features on the test split (the inputs of
     the head, :class:`HeadInputs`): 0 for features unchanged up to rotation and scale. One
-    pass of each model over the split (the fine-tuned one's features may come from the pass
-    that scored it)."""
+    pass of each model over the split; the fine-tuned one's features may come from the pass
+    that scored it, the pretrained one's from :func:`run_pretrained_features` (the same for
+    every run of an experiment)."""
     if finetuned_features is None:
-        finetuned_features = HeadInputs(finetuned, len(test))
-        predict(finetuned, test, batch_size, device, precision, head_inputs=finetuned_features)
-    before = HeadInputs(pretrained, len(test))
-    predict(pretrained, test, batch_size, device, precision, head_inputs=before)
+        after = body_features(finetuned, test, batch_size, device, precision)
+    else:
+        after = finetuned_features.features
+    if pretrained_features is None:
+        pretrained_features = body_features(pretrained, test, batch_size, device, precision)
     change = weight_change(pretrained.model, finetuned.model, pretrained.head)
-    cka = linear_cka(before.features, finetuned_features.features)
+    cka = linear_cka(pretrained_features, after)
     log.info("drift from the pretrained model: weight change %.4f, 1 - CKA %.4f", change, 1 - cka)
     return {"weight_change": change, "cka_drift": 1.0 - cka}
+
+
+def run_pretrained_features(
+    test_path: str,
+    data_info_path: str,
+    model: ModelSettings,
+    device: str,
+    batch_size: int,
+    precision: str,
+    output: str,
+) -> np.ndarray:
+    """The ``pretrained_features`` stage: the pretrained model's body features on the test
+    split (float64, examples x features, in the split's row order), computed once for the
+    drift (:func:`drift`) of every run of the experiment instead of once per run. The new head
+    is not read: its seed does not matter."""
+    info = DataInfo.read(data_info_path)
+    test = read_split(test_path)
+    torch_device = select_device(device)
+    pretrained = modalities.for_data(info).load_pretrained(model, 0)
+    pretrained.model.to(torch_device)
+    features = body_features(pretrained, test, batch_size, torch_device, precision).numpy()
+    np.save(output, features)
+    log.info(
+        "pretrained body features of %d test examples (%d each) -> %s",
+        len(test),
+        features.shape[1],
+        output,
+    )
+    return features
 
 
 def run_evaluate(
@@ -394,10 +440,13 @@ def run_evaluate(
     outputs: dict[str, str],
     shifted: Mapping[str, str] | None = None,
     model: ModelSettings | None = None,
+    pretrained_features: str | None = None,
 ) -> dict:
     """The ``evaluate`` stage: test metrics of the fine-tuned model, under each shift of
     ``shifted`` (name -> the shifted test split) and, given the pretrained ``model``, how far
-    fine-tuning moved it (:func:`drift`), logged into the same MLflow run as its training."""
+    fine-tuning moved it (:func:`drift`; ``pretrained_features``: the ``.npy`` of
+    :func:`run_pretrained_features`, else they are computed here), logged into the same MLflow
+    run as its training."""
     clock = StageClock()
     info = DataInfo.read(data_info_path)
     summary = json.loads(Path(summary_path).read_text())
@@ -416,7 +465,10 @@ def run_evaluate(
         pretrained = modalities.for_data(info).load_pretrained(model, int(summary["seed"]))
         pretrained.model.to(torch_device)
         clock.lap("load")
-        metrics.update(drift(pretrained, task, test, batch_size, torch_device, precision, features))
+        before = np.load(pretrained_features) if pretrained_features else None
+        metrics.update(
+            drift(pretrained, task, test, batch_size, torch_device, precision, features, before)
+        )
         clock.lap("drift")
     metrics.update(
         shift_metrics(
