@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from adaptune.errors import ConfigError
-from adaptune.experiment import check_reference
+from adaptune.experiment import check_pairs, check_reference
 from adaptune.report import (
     best_per_shots,
     interval,
@@ -127,6 +127,15 @@ def test_the_reference_is_a_setting_not_a_name(tmp_path):
     page = to_markdown(board, summary, "exp", reference=None, full_strategies=2)
     assert "No strategy to compare with: set report.reference" in page
     assert "vs " not in page and "no reference strategy to compare with" in page
+    # more pairs than the reference's, each paired by seed (head_only is 0.05 above full_ft
+    # in every seed, full_big 0.1 below)
+    page = to_markdown(board, summary, "exp", "full_ft", pairs=[["head_only", "full_big"]])
+    assert "| 8 | head_only - full_big | +0.1500 [+0.1500, +0.1500], n=3 |" in page
+    check_pairs([["head_only", "full_ft"]], {"full_ft@lr=0.001": {}, "head_only": {}})
+    with pytest.raises(ConfigError, match=r"report\.pairs\[0\] = 'lisa' is not a strategy"):
+        check_pairs([["head_only", "lisa"]], strategies)
+    with pytest.raises(ConfigError, match=r"report\.pairs\[1\] compares 'full_ft' with itself"):
+        check_pairs([["head_only", "full_ft"], ["full_ft", "full_ft"]], strategies)
     check_reference("full_ft", {"full_ft@lr=0.001": {}, "head_only": {}})  # a swept one
     with pytest.raises(ConfigError, match=r"report\.reference = 'full'.*full_ft, head_only"):
         check_reference("full", strategies)

@@ -13,7 +13,7 @@ only touched or copied does not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ def validate_config(
         train = TrainSettings.from_config(experiment["train"], spec.get("train"), name)
         strategies.check(name, spec, train)
     check_reference(experiment["report"]["reference"], experiment["strategies"])
+    check_pairs(experiment["report"]["pairs"], experiment["strategies"])
     modality = modalities.choose(data, model, experiment["baselines"])
     modality.check(data, model)
     check_shifts(modality, experiment["evaluate"]["shifts"])
@@ -83,11 +84,24 @@ def validate_config(
 def check_reference(reference: str, strategies: Mapping[str, Any]) -> None:
     """``report.reference``, where set, must be one of the strategies (a swept one by its
     name without the swept value)."""
-    names = sorted({sweeps.family(name) for name in strategies})
-    if reference and reference not in names:
+    if reference:
+        _check_strategy("report.reference", reference, strategies)
+
+
+def check_pairs(pairs: Sequence[Sequence[str]], strategies: Mapping[str, Any]) -> None:
+    """Each of ``report.pairs`` names two different strategies (as ``report.reference``)."""
+    for index, pair in enumerate(pairs):
+        for name in pair:
+            _check_strategy(f"report.pairs[{index}]", name, strategies)
+        if pair[0] == pair[1]:
+            raise ConfigError(f"report.pairs[{index}] compares {pair[0]!r} with itself")
+
+
+def _check_strategy(key: str, name: str, strategies: Mapping[str, Any]) -> None:
+    names = sorted({sweeps.family(strategy) for strategy in strategies})
+    if name not in names:
         raise ConfigError(
-            f"report.reference = {reference!r} is not a strategy of this experiment; use one "
-            f"of: {', '.join(names)}"
+            f"{key} = {name!r} is not a strategy of this experiment; use one of: {', '.join(names)}"
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,10 +324,12 @@ def to_markdown(
     shift_names: Iterable[str] = (),
     reference: str | None = None,
     full_strategies: int = 0,
+    pairs: Sequence[Sequence[str]] = (),
 ) -> str:
     """The leaderboard page: the strategy selected per shot count, every strategy over seeds
-    (:func:`strategy_table`), every run (:func:`run_table`). Differences are to ``reference``;
-    without one, the page says so (``full_strategies``: how many of kind full there are)."""
+    (:func:`strategy_table`), the ``pairs`` compared (:func:`pair_table`), every run
+    (:func:`run_table`). Differences are to ``reference``; without one, the page says so
+    (``full_strategies``: how many of kind full there are)."""
     best = best_per_shots(summary, board, reference)
     compared = (
         f"Differences to {reference} are paired by seed, with a 95% t-interval where there "
@@ -344,9 +346,33 @@ def to_markdown(
     ]
     lines += ["", "## Every strategy (mean ± std over seeds; n=1: one seed, no spread)", ""]
     lines += strategy_table(board, summary, shift_names, reference)
+    if pairs:
+        lines += ["", "## Paired comparisons", ""]
+        lines += pair_table(board, pairs)
     lines += ["", "## Every run", ""]
     lines += run_table(board)
     return "\n".join(lines) + "\n"
+
+
+def pair_table(board: pd.DataFrame, pairs: Sequence[Sequence[str]]) -> list[str]:
+    """Per shot count and pair [A, B] (``report.pairs``): A's test macro-F1 minus B's, and
+    under shift where there are shifted splits, paired by seed (:func:`paired_difference`)."""
+    shifted = "shift_macro_f1" in board and board["shift_macro_f1"].notna().any()
+    lines = [
+        "A minus B, paired by seed, with a 95% t-interval: an interval that holds 0 is no "
+        "difference these seeds can tell.",
+        "",
+        "| shots | A - B | test macro-F1 |" + (" under shift |" if shifted else ""),
+        "|---|---|---|" + ("---|" if shifted else ""),
+    ]
+    order = _shots_order(pd.Series(board["shots"].unique()))
+    for shots in board["shots"].unique()[order.argsort().to_numpy()]:
+        for a, b in pairs:
+            cells = [interval(paired_difference(board, shots, a, b))]
+            if shifted:
+                cells.append(interval(paired_difference(board, shots, a, b, "shift_macro_f1")))
+            lines.append(f"| {shots} | {a} - {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def strategy_table(
@@ -585,7 +611,10 @@ def run_report(
             if spec.get("kind") == "full"
         }
     )
-    markdown = to_markdown(board, summary, experiment, shift_names, reference, full_strategies)
+    pairs = config.get("report", {}).get("pairs", [])
+    markdown = to_markdown(
+        board, summary, experiment, shift_names, reference, full_strategies, pairs
+    )
     Path(outputs["markdown"]).write_text(markdown)
     Path(outputs["page"]).write_text(html_page(markdown, best, config))
     plot_leaderboard(summary, outputs["plot"], experiment, num_labels)
