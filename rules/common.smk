@@ -1,4 +1,5 @@
 import os
+from argparse import Namespace
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -99,6 +100,7 @@ wildcard_constraints:
     # A strategy's sweep makes NAME@KEY=VALUE[,KEY=VALUE] (adaptune.sweeps).
     strategy=r"[A-Za-z0-9][A-Za-z0-9_-]*(@[A-Za-z0-9_.,=+-]+)?",
     shift=r"[a-z_]+-s[1-5]",
+    batch=r"[0-9]+",
 
 
 # Each stage's params hold exactly the config it depends on, so that a change reruns exactly the
@@ -166,11 +168,22 @@ def inference_settings(wildcards):
     return {key: train[key] for key in ("device", "precision", "eval_batch_size")}
 
 
-def experiment_inference_settings():
-    """inference_settings without a strategy's overrides: how what every run shares (the
-    pretrained model's features) is computed."""
+def pretrained_features(wildcards):
+    """The pretrained body's test features that a run of strategy {strategy} reads for its
+    drift: made with its eval_batch_size (batches of another size pad otherwise, which changes
+    the last bits)."""
+    batch = inference_settings(wildcards)["eval_batch_size"]
+    return EXP / f"pretrained/batch{batch}/test_features.npy"
+
+
+def features_inference_settings(wildcards):
+    """inference_settings of the pretrained_features job of batch size {batch} (device and
+    precision are the experiment's: a strategy does not override them)."""
+    train = config["train"]
     return {
-        key: config["train"][key] for key in ("device", "precision", "eval_batch_size")
+        "device": train["device"],
+        "precision": train["precision"],
+        "eval_batch_size": int(wildcards.batch),
     }
 
 
@@ -261,6 +274,7 @@ def stage_outputs():
         rules.create_mlflow_experiment.output,
         expand(rules.finetune.output, **runs),
         expand(rules.evaluate.output, **runs),
+        {pretrained_features(Namespace(strategy=strategy)) for strategy in STRATEGIES},
         expand(rules.fit_baseline.output, baseline=BASELINES, shots=SHOTS),
     ]
     return [str(path) for paths in produced for path in paths]

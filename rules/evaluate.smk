@@ -24,16 +24,16 @@ rule pretrained_features:
         test=DATA / "test.parquet",
         info=DATA / "data.json",
     output:
-        features=EXP / "pretrained/test_features.npy",
+        features=EXP / "pretrained/batch{batch}/test_features.npy",
     log:
-        LOGS / "pretrained_features.log",
+        LOGS / "pretrained_features/batch{batch}.log",
     benchmark:
-        BENCH / "pretrained_features.tsv"
+        BENCH / "pretrained_features/batch{batch}.tsv"
     conda:
         ENV
     threads: 4
     params:
-        inference=experiment_inference_settings(),
+        inference=features_inference_settings,
         model=config["model"],
         model_content=EXTERNAL.model_fingerprint,
     script:
@@ -44,7 +44,7 @@ rule evaluate:
     input:
         model=RUN / "model",
         test=DATA / "test.parquet",
-        pretrained=EXP / "pretrained/test_features.npy",
+        pretrained=pretrained_features,
         shifted=expand(DATA / "shifts/{shift}.parquet", shift=SHIFTS),
         info=DATA / "data.json",
         summary=RUN / "train_summary.json",

@@ -139,16 +139,20 @@ def test_an_epoch_end_saves_once_its_interval_has_passed(tiny_bert_dir, tmp_path
     def save(self, state):  # what save does to the clock, without writing
         saves.append(state["epoch"])
         self.last_saved = self.clock()
+        return 0.0
 
     monkeypatch.setattr(Checkpoints, "save", save)
     run(tiny_bert_dir, tmp_path / "every", every_seconds=0)
     assert saves == [1, 2, 3]  # 0: every epoch
     saves.clear()
     # A clock read when the job starts (0 s), at each epoch's end and after each save: epoch
-    # 1 ends at 30 s, epoch 2 at 60 s (saved), epoch 3 at 100 s (40 s after that save).
-    readings = iter([0.0, 30.0, 60.0, 60.0, 100.0])
+    # 1 ends at 30 s, epoch 2 at 60 s (saved); the last epoch saves whatever the clock says.
+    readings = iter([0.0, 30.0, 60.0, 60.0, 70.0])
     run(tiny_bert_dir, tmp_path / "timed", every_seconds=50, clock=lambda: next(readings))
-    assert saves == [2]
+    assert saves == [2, 3]
+    saves.clear()
+    run(tiny_bert_dir, tmp_path / "rarely", every_seconds=3600)
+    assert saves == [3]
     saves.clear()
     # The step interval falling on an epoch's last step saves at its end (3 steps an epoch).
     run(tiny_bert_dir, tmp_path / "steps", every_steps=3, every_seconds=3600)

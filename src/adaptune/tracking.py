@@ -389,6 +389,7 @@ class TrackedRun:
         self.tracking_uri, self.best_effort = tracking_uri, best_effort
         self.failure: str | None = None
         self.reopened = reopened  # a resumed job's run, opened again (see start_run)
+        self.held: dict[str, set[int]] = {}  # log_steps_once's: the steps each key holds
 
     def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """``function(*args, **kwargs)``, or None in a best-effort run once one call failed."""
@@ -443,17 +444,20 @@ class TrackedRun:
 
     def log_steps_once(self, rows: Sequence[Mapping[str, float]]) -> int:
         """:meth:`log_steps`, leaving out each (metric, step) that the run holds already (a
-        resumed job's rows whose logging a kill may or may not have cut short). Returns how
-        many values it logged."""
-        keys = {k for row in rows for k in row if k != "step"}
-        held = self.call(
+        resumed job's rows whose logging a kill may or may not have cut short). Each key's
+        history is read from the store once, then kept up to date here. Returns how many
+        values it logged."""
+        keys = {k for row in rows for k in row if k != "step"} - self.held.keys()
+        read = self.call(
             lambda: {
                 key: {m.step for m in retrying(self.client.get_metric_history)(self.run_id, key)}
                 for key in keys
             }
         )
-        if held is None:  # the store does not answer
+        if read is None:  # the store does not answer
             return 0
+        self.held.update(read)
+        held = self.held
         missing = [
             {"step": row["step"], **{k: v for k, v in row.items() if k != "step"}} for row in rows
         ]
@@ -463,6 +467,9 @@ class TrackedRun:
         ]
         missing = [row for row in missing if len(row) > 1]
         self.log_steps(missing)
+        for row in missing:
+            for key in row.keys() - {"step"}:
+                held[key].add(int(row["step"]))
         return sum(len(row) - 1 for row in missing)
 
     def log_dict(self, values: Mapping[str, Any], name: str) -> None:

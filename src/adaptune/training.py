@@ -553,13 +553,13 @@ class TrainingLoop:
         self.stop.requested = asked
         return asked or (not last and self.checkpoints.due(self.global_step))
 
-    def epoch_checkpoint_due(self) -> bool:
+    def epoch_checkpoint_due(self, last: bool = False) -> bool:
         """At an epoch's end: whether to save a checkpoint now, because SIGTERM came (on any
-        rank) or the epoch ends an interval (:meth:`Checkpoints.due_at_epoch_end`, by rank
-        0's clock: the ranks save together)."""
+        rank), the epoch is the run's ``last`` or it ends an interval
+        (:meth:`Checkpoints.due_at_epoch_end`, by rank 0's clock: the ranks save together)."""
         if self.checkpoints is None:
             return False
-        timely = self.checkpoints.due_at_epoch_end(self.global_step)
+        timely = last or self.checkpoints.due_at_epoch_end(self.global_step)
         return self.checkpoint_due(last=True) or distributed.from_main(timely, self.world)
 
     def stop_if_asked(self) -> None:
@@ -579,6 +579,7 @@ class TrainingLoop:
         """Save the run's state (every rank takes part; rank 0 writes): within ``epoch``
         after ``steps_done`` of its steps (``rows``, ``seconds`` of it so far), or after it
         (``steps_done`` = 0) with the rows it still has to log (``pending``)."""
+        began = time.perf_counter()
         done = steps_done == 0
         ranks = distributed.gather_on_main(
             {"rng": rng_state(self.device), "rows": [] if done else rows}, self.world
@@ -596,7 +597,9 @@ class TrainingLoop:
             ranks=ranks,
             pending=pending or {},
         )
-        self.checkpoints.save(state)
+        written = self.checkpoints.save(state)
+        # what gathering and copying the state took, besides writing it
+        self.checkpoints.seconds += time.perf_counter() - began - written
 
     def state_dict(self) -> dict[str, Any]:
         """What the run holds that changes as it trains, on the CPU: the trainable tensors
@@ -780,7 +783,10 @@ def train(
                 row["epoch_seconds"] = time.perf_counter() - started
                 loop.keep_if_best(row)
                 pending = {"steps": steps, "epoch": row}
-                saved = loop.epoch_checkpoint_due()
+                stopping = loop.should_stop(epoch)
+                # (The last epoch saves one anyway: a kill while the job saves its outputs and
+                # logs its model then costs no training.)
+                saved = loop.epoch_checkpoint_due(last=epoch == settings.epochs or stopping)
                 if saved:
                     loop.save_checkpoint(epoch, 0, steps, 0.0, pending)
                 if on_steps is not None:
@@ -791,7 +797,7 @@ def train(
                     if not saved:  # SIGTERM came while the epoch's rows were logged
                         loop.save_checkpoint(epoch, 0, steps, 0.0, pending)
                     loop.stop_if_asked()
-                if loop.should_stop(epoch):
+                if stopping:
                     log.info(
                         "early stopping after epoch %d: no gain above %g in %d epochs",
                         epoch,
