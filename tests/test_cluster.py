@@ -35,10 +35,23 @@ pytestmark = [
 ]
 
 # What goes through sbatch, and what the profile runs in the submitting process.
-CLUSTER_RULES = {"prepare_data", "score_importance", "fit_baseline", "finetune", "evaluate"}
+CLUSTER_RULES = {
+    "prepare_data",
+    "score_importance",
+    "fit_baseline",
+    "finetune",
+    "pretrained_features",
+    "evaluate",
+}
 LOCAL_RULES = {"create_mlflow_experiment", "sample_few_shot", "make_freeze_plan", "report"}
 MB_PER_THREAD = 2000  # profiles/slurm: default-resources mem_mb
-RULE_THREADS = {"prepare_data": 2, "score_importance": 4, "finetune": 4, "evaluate": 4}
+RULE_THREADS = {
+    "prepare_data": 2,
+    "score_importance": 4,
+    "finetune": 4,
+    "pretrained_features": 4,
+    "evaluate": 4,
+}
 
 
 def cluster_config(model_dir: Path, csv: Path) -> dict:
