@@ -4,12 +4,12 @@ job, and the SIGTERM that asks for one.
 On a shared cluster jobs are preempted and cut by time limits; without a checkpoint a rerun
 starts over from epoch 0. A job with ``train.checkpoint.enabled`` saves, at the end of the
 first epoch that ends ``train.checkpoint.every_seconds`` after its last save (0: at every
-epoch's end) and of the last epoch, every ``train.checkpoint.every_steps`` optimizer steps if that is set, and after
-the step it is in when SIGTERM comes, everything the training loop needs to continue as if it
-had never stopped (:meth:`adaptune.training.TrainingLoop.state_dict`), and the MLflow run it
-logs into. A rerun of the job (``--rerun-incomplete``, SLURM's requeue) finds it and continues;
-on the CPU with the same thread count the finished run is bit-identical to an uninterrupted
-one.
+epoch's end) and of the last epoch, every ``train.checkpoint.every_steps`` optimizer steps if
+that is set, and after the step it is in when SIGTERM comes, everything the training loop
+needs to continue as if it had never stopped
+(:meth:`adaptune.training.TrainingLoop.state_dict`), and the MLflow run it logs into. A rerun
+of the job (``--rerun-incomplete``, SLURM's requeue) finds it and continues; on the CPU with
+the same thread count the finished run is bit-identical to an uninterrupted one.
 
 The rules it keeps:
 
