@@ -152,7 +152,7 @@ def run_finetune(job: FinetuneJob) -> TrainResult:
             settings,
             key.seed,
             device,
-            on_epoch=lambda row: log_steps([{**epoch_metrics(row), "step": int(row["epoch"])}]),
+            on_epoch=lambda row: log_steps([epoch_metrics(row)]),
             on_steps=log_steps,
             checkpoints=saved,
             resume=resume,
@@ -204,8 +204,11 @@ def job_checkpoints(
 
 
 def epoch_metrics(row: Mapping[str, float]) -> dict[str, float]:
-    """An epoch's row of the history as the run's per-epoch metrics (``lr`` is a step's)."""
-    return {k: v for k, v in row.items() if k not in ("epoch", "lr")}
+    """An epoch's row of the history as the run's per-epoch metrics, a row of
+    :meth:`~adaptune.tracking.TrackedRun.log_steps` whose step is the epoch (``lr`` is a
+    step's)."""
+    metrics = {k: v for k, v in row.items() if k not in ("epoch", "lr")}
+    return {**metrics, "step": int(row["epoch"])}
 
 
 def log_pending(run: tracking.TrackedRun, pending: Mapping[str, Any]) -> None:
@@ -213,8 +216,7 @@ def log_pending(run: tracking.TrackedRun, pending: Mapping[str, Any]) -> None:
     each step (and of the epoch) that the run does not hold yet."""
     rows = list(pending.get("steps", []))
     if pending.get("epoch"):
-        epoch = pending["epoch"]
-        rows.append({**epoch_metrics(epoch), "step": int(epoch["epoch"])})
+        rows.append(epoch_metrics(pending["epoch"]))
     logged = run.log_steps_once(rows)
     if logged:
         log.info("logged %d metric values the killed attempt had not", logged)

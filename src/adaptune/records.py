@@ -500,9 +500,7 @@ def relog_finetune(experiment: Mapping[str, str], tracked: FinishedRun, results:
         device = summary.get("device", "")
         finetune.log_run_inputs(run, job, info, record["plan"], device, frames)
         history = pd.read_csv(folder / "history.csv").to_dict(orient="records")
-        run.log_steps(
-            [{**finetune.epoch_metrics(row), "step": int(row["epoch"])} for row in history]
-        )
+        run.log_steps([finetune.epoch_metrics(row) for row in history])
         modality = modalities.for_data(info)
         finetune.log_run_outputs(run, job, summary, modality, example.head(2))
         if evaluated:
