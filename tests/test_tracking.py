@@ -243,3 +243,73 @@ def test_a_server_that_stops_mid_job_costs_no_training_and_is_caught_up(tmp_path
         champion = client.get_model_version_by_alias("outage-k4", "champion")
         assert champion.run_id == run.info.run_id
         assert "adaptune: MLflow" not in flow.run("-n").stderr
+
+
+def test_a_signal_inside_a_deferred_block_acts_when_the_block_ends():
+    import os
+    import signal
+
+    from adaptune import signals
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), signals.deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a store write
+        done.append("the write")
+    assert done == ["the write"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), signals.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # asked twice: at once
+        done.append("never")
+    assert done == ["the write"]
+
+
+# A job's store write cut by Ctrl-C: SQLAlchemy sends SIGINT to its own process as it
+# executes the INSERT of the run's parameters, inside the write's transaction.
+_CUT_WRITE = """
+import os, signal, sys, time
+import sqlalchemy
+from adaptune import tracking
+
+root = sys.argv[1]
+experiment = tracking.ensure_experiment(f"sqlite:///{root}/mlflow.db", "cut", root, root)
+fired = []
+
+def interrupt(conn, cursor, statement, *args):
+    if statement.startswith("INSERT INTO params") and not fired:
+        fired.append(time.time())
+        os.kill(os.getpid(), signal.SIGINT)
+
+sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", interrupt)
+try:
+    with tracking.start_run(experiment, "cut", "cut", {}) as run:
+        run.log_params({f"p{i}": i for i in range(50)})
+        time.sleep(60)
+except KeyboardInterrupt:
+    print(run.run_id, f"{time.time() - fired[0]:.1f}")
+"""
+
+
+def test_ctrl_c_in_the_middle_of_a_store_write_ends_the_run_killed_at_once(tmp_path):
+    """A store write finishes before the interrupt acts. Cut at a random moment instead, a
+    write could leave the SQLite database locked against the job's own next one, the one
+    that ends its run KILLED, which then waited out every retry (about 190 s) while Snakemake
+    waited for the job (3 of 6 SIGINTs at random moments of a logging loop, before the fix;
+    the workflow's Ctrl-C test in CI once). At this fixed moment the old code lost the write
+    (0 of the 50 parameters) instead."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CUT_WRITE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
+    run_id, seconds = done.stdout.split()
+    assert float(seconds) < 10, seconds
+    client = tracking._client(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert len(run.data.params) == 50  # the write the signal came in finished

@@ -51,9 +51,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adaptune import signals
 from adaptune.errors import ConfigError
 from adaptune.logs import NOTICE
-from adaptune.signals import handling_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,15 @@ def _is_transient(err: Exception) -> bool:
 
 
 def retrying(call: Callable[..., T], attempts: int = 8) -> Callable[..., T]:
-    """Retry ``call`` with backoff while SQLite reports a lock held by a parallel job."""
+    """Retry ``call`` with backoff while SQLite reports a lock held by a parallel job. Each
+    attempt runs whole: a signal that comes during it acts after it (:func:`signals.deferred`)."""
 
     @functools.wraps(call)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         for attempt in range(attempts):
             try:
-                return call(*args, **kwargs)
+                with signals.deferred():  # a write cut in two keeps SQLite locked against us
+                    return call(*args, **kwargs)
             except Exception as err:  # MLflow wraps the sqlite error in its own types
                 if attempt == attempts - 1 or not _is_transient(err):
                     raise
@@ -504,7 +506,7 @@ def _stop_on_sigterm() -> Iterator[None]:
     def interrupt(signum: int, frame: Any) -> None:
         raise Interrupted(f"signal {signum}")
 
-    with handling_sigterm(interrupt):
+    with signals.handling_sigterm(interrupt):
         yield
 
 
