@@ -222,7 +222,19 @@ def _client(tracking_uri: str) -> Any:
 
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    return MlflowClient(tracking_uri)
+    return MlflowClient(store_uri(tracking_uri))
+
+
+def store_uri(tracking_uri: str) -> str:
+    """``tracking_uri`` as MLflow is given it: a relative SQLite path made absolute. MLflow
+    keeps one database engine per URI for the life of the process, so a relative path would
+    keep meaning the folder it was first used from (a process that changes folders, such as
+    a test running stages in process, wrote into another folder's database, or one since
+    deleted: "attempt to write a readonly database")."""
+    path = sqlite_file(tracking_uri)
+    if path is None or path.is_absolute():
+        return tracking_uri
+    return f"sqlite:///{path.resolve()}"
 
 
 def workspace(results: str | Path) -> str:
@@ -627,7 +639,7 @@ def log_flavor_model(
     import mlflow
     from mlflow.models import ModelSignature
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(store_uri(tracking_uri))
     # The logged model belongs to the run's experiment (and its artifact location), not to
     # whichever experiment is active in this process.
     run = retrying(_client(tracking_uri).get_run)(run_id)
@@ -656,7 +668,8 @@ def register_champion(tracking_uri: str, name: str, run_id: str, description: st
     it; returns the version (None when the run logged no model)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)  # the registry resolves models:/ URIs through it
+    # the registry resolves models:/ URIs through it
+    mlflow.set_tracking_uri(store_uri(tracking_uri))
     client = _client(tracking_uri)
     versions = []
     if retrying(client.search_registered_models)(f"name = '{name}'"):
