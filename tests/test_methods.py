@@ -240,6 +240,10 @@ def test_badam_orders(bert_tables):
         return plan.schedule["periods"]
 
     assert periods(order="ascending")[:3] == [["block01"], ["block02"], ["block01"]]
+    # the plan lists the cycle's blocks and their share of the periods, no draw probability
+    markdown = strategies.build_plan(bert_tables, "b", {"kind": "badam"}).to_markdown()
+    assert "| block | params | periods active (of the listed) |" in markdown
+    assert "probability" not in markdown
     with_ends = periods(order="ascending", include_input_output=True)
     assert with_ends[:5] == [["input"], ["block01"], ["block02"], ["output"], ["input"]]
     shuffled = periods(order="random", seed=1, interval_fraction=0.1)

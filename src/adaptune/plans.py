@@ -167,14 +167,18 @@ class Plan:
             return []
         periods = schedule["periods"]
         lines = ["", "## Schedule", "", schedule["rule"], ""]
+        drawn = schedule["draw"] == "sample"  # a cycle (BAdam) goes in order: no probability
         lines += [
-            "| block | params | draw probability | periods active (of the listed) |",
-            "|---|---:|---:|---:|",
+            "| block | params |"
+            + (" draw probability |" if drawn else "")
+            + " periods active (of the listed) |",
+            "|---|---:|" + ("---:|" if drawn else "") + "---:|",
         ]
         for block in schedule["blocks"]:
             active = sum(block["layer"] in period for period in periods)
+            probability = f" {block['probability']:.3f} |" if drawn else ""
             lines.append(
-                f"| {block['layer']} | {block['params']:,} | {block['probability']:.3f} | "
+                f"| {block['layer']} | {block['params']:,} |{probability} "
                 f"{active} of {len(periods)} |"
             )
         lines += ["", "| period | blocks that train (with what always trains) |", "|---:|---|"]

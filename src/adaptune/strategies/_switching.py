@@ -98,8 +98,9 @@ def draw_periods(schedule: dict[str, Any], count: int) -> list[list[str]]:
 def make_schedule(
     rule: str, blocks: list[dict[str, Any]], settings: Any, **draw: Any
 ) -> dict[str, Any]:
-    """A plan's schedule: the rule in words, the blocks (with ``probability``), how periods are
-    drawn (``draw``, ``active``, ``order``, from ``settings.seed``) and the periods listed."""
+    """A plan's schedule: the rule in words, the blocks (with their ``probability`` where they
+    are drawn, ``draw: sample``), how periods are drawn (``draw``, ``active``, ``order``, from
+    ``settings.seed``) and the periods listed."""
     steps, fraction = settings.interval_steps, settings.interval_fraction
     schedule = {
         "rule": rule,

@@ -63,8 +63,6 @@ def schedule(
     blocks = body_blocks(tables)
     if settings.include_input_output:
         blocks = layer_entry(tables, "input") + blocks + layer_entry(tables, "output")
-    for block in blocks:
-        block["probability"] = 1 / len(blocks)
     rule = (
         f"One of the {len(blocks)} blocks trains at a time, {settings.order}"
         + (f" (seed {settings.seed})" if settings.order == "random" else "")
