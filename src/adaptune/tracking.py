@@ -731,7 +731,9 @@ def system_metrics(run: TrackedRun, interval: float = 10.0) -> Iterator[None]:
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run.run_id, interval, tracking_uri=run.tracking_uri)
+        monitor = SystemMetricsMonitor(
+            run.run_id, interval, tracking_uri=store_uri(run.tracking_uri)
+        )
         monitor.start()
     except Exception as err:  # no psutil, or the monitor cannot start: train anyway
         log.warning("no system metrics for this run: %s", err)
