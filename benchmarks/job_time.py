@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from adaptune import worker
 from adaptune.timing import WORK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,15 @@ def job_table(results: Path) -> pd.DataFrame:
         measured = pd.read_csv(path, sep="\t").iloc[-1]
         relative = path.relative_to(results / "benchmarks").with_suffix("")
         stage, job = relative.parts[0], "/".join(relative.parts[1:])
-        row = {"stage": stage, "job": job, "wall": measured["s"], "max_rss_mb": measured["max_rss"]}
+        # A job that ran in adaptune's worker noted the peak memory of the process that ran it
+        # in its log; Snakemake's benchmark measured only the job's own (waiting) process.
+        in_worker = worker.peak_memory_in_log(results / "logs" / relative.with_suffix(".log"))
+        row = {
+            "stage": stage,
+            "job": job,
+            "wall": measured["s"],
+            "max_rss_mb": max(measured["max_rss"], in_worker or 0.0),
+        }
         phases = timed_phases(results, stage, job)
         if phases:
             # Outside the work: the job's whole wall time (Snakemake's measure, start-up and

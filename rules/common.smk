@@ -65,9 +65,35 @@ else:
     onstart:
         if workflow.local_exec and not workflow.dryrun:
             check_device(config["train"]["device"])
+            start_worker()
 
 
 ENV = "../envs/adaptune.yaml"
+WORKER = None  # adaptune's worker, once onstart has started it
+
+
+def start_worker():
+    """Jobs that run here, each in Snakemake's fresh Python, hand themselves to one warm
+    process that has imported torch, transformers and MLflow (adaptune.worker; off with
+    ADAPTUNE_WORKER=off). Not for jobs in conda or container environments, nor on a
+    cluster's nodes (a job there is its own Snakemake process, without onstart)."""
+    global WORKER
+    deployed = workflow.deployment_settings.deployment_method
+    if workflow.is_main_process and not deployed:
+        from adaptune import worker
+
+        WORKER = worker.start(LOGS / "worker.log")
+
+
+def stop_worker():
+    if WORKER is not None:
+        WORKER.stop()
+
+
+onerror:
+    stop_worker()
+
+
 EXPERIMENT = config["experiment"]
 EXP = Path("results") / EXPERIMENT
 DATA = EXP / "data"

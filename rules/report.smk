@@ -77,6 +77,7 @@ rule report:
 
 
 onsuccess:
+    stop_worker()
     # Where to look, after a run that did something or found everything up to date.
     if Path(REPORT / "leaderboard.md").exists():
         given = [f"--configfile {f}" for f in workflow.overwrite_configfiles or []]

@@ -1,5 +1,10 @@
 """Rule create_mlflow_experiment: the MLflow store and experiment, made once before jobs fan out."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -1,6 +1,11 @@
 """Rule evaluate: test metrics, confusion matrix and drift from the pretrained model, logged to
 the run (adaptune.evaluation)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 import torch

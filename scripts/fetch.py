@@ -1,5 +1,10 @@
 """Rule fetch: download a hub dataset or model once, where there is a network (adaptune.fetch)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.fetch import run_fetch

@@ -1,6 +1,11 @@
 """Rule finetune: train under the freeze plan, tracked in MLflow (adaptune.finetune); on
 train.devices GPUs or CPU processes through torchrun (adaptune.distributed)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 import torch

@@ -1,5 +1,10 @@
 """Rule fit_baseline: a classical baseline on the same few-shot split (adaptune.baselines)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.baselines import run_baseline

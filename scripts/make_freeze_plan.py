@@ -1,5 +1,10 @@
 """Rule make_freeze_plan: a strategy's reviewable freeze plan (adaptune.strategies)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING

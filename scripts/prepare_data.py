@@ -1,5 +1,10 @@
 """Rule prepare_data: load, check, split and tokenise the labelled data (adaptune.data)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.data import run_prepare_data

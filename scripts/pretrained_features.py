@@ -1,6 +1,11 @@
 """Rule pretrained_features: the pretrained body's features on the test split, once per
 experiment, for every run's drift (adaptune.evaluation)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 import torch

@@ -1,5 +1,10 @@
 """Rule report: the leaderboard over strategies, shot counts and seeds (adaptune.report)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.logs import to_log_file

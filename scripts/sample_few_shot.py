@@ -1,6 +1,11 @@
 """Rule sample_few_shot: k examples per class of the training or validation split
 (adaptune.data)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.data import run_sample_few_shot

@@ -1,6 +1,11 @@
 """Rule score_importance: importance per parameter tensor and per layer (adaptune.importance),
 on a GPU of its own where there is one (adaptune.devices)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 import torch

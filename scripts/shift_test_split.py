@@ -1,5 +1,10 @@
 """Rule shift_test_split: the test split under one seeded shift (adaptune.evaluation)."""
 
+# First: the job runs in adaptune's warm worker where the workflow has one (adaptune.worker).
+from adaptune import worker
+
+worker.delegate()
+
 from typing import TYPE_CHECKING
 
 from adaptune.evaluation import run_shift_split

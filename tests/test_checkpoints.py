@@ -269,6 +269,9 @@ def start_finetune(flow: Workflow, log_name: str) -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # The job in its own process (not adaptune's worker), which wait_for_checkpoint stops
+        # with SIGSTOP, a signal that a job's process cannot pass on to the worker's.
+        env={**os.environ, "ADAPTUNE_WORKER": "off"},
     )
 
 

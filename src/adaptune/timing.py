@@ -16,6 +16,8 @@ import time
 
 import psutil
 
+from adaptune import worker
+
 log = logging.getLogger(__name__)
 
 # The phases that are the job's work; every other phase is time around it.
@@ -27,7 +29,10 @@ class StageClock:
     came before the clock was made (interpreter, imports, the script's preamble)."""
 
     def __init__(self) -> None:
-        self.process_started = psutil.Process().create_time()
+        # A job that ran in adaptune's worker (adaptune.worker) started with its own process,
+        # not with the process forked to run it.
+        started = worker.job_started()
+        self.process_started = psutil.Process().create_time() if started is None else started
         self.phases: dict[str, float] = {"startup": time.time() - self.process_started}
         self.last = time.perf_counter()
 

@@ -1,0 +1,181 @@
+"""adaptune's worker (adaptune.worker): a job handed to it ends as it would in its own process
+(output, exit status, death by a signal), signals reach it, a killed job's process takes the
+worker's process with it, and what the worker cannot vouch for runs in the job's own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from adaptune import worker
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+# What Snakemake's preamble leaves a script (__real_file__), then a stage script's first lines.
+JOB = """
+__real_file__ = __file__
+from adaptune import worker
+worker.delegate()
+import json, os, sys, time
+import torch
+print(json.dumps({
+    "pid": os.getpid(), "in_worker": worker._in_worker, "cwd": os.getcwd(),
+    "mark": os.environ.get("MARK"), "argv": sys.argv, "torch": torch.ones(2).sum().item(),
+}), flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+if os.environ.get("PIDFILE"):
+    open(os.environ["PIDFILE"], "w").write(str(os.getpid()))
+    time.sleep(60)
+sys.exit(int(os.environ.get("CODE", "0")))
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A worker for this test process, and a job script."""
+    folder = tmp_path_factory.mktemp("worker")
+    script = folder / "job.py"
+    script.write_text(textwrap.dedent(JOB))
+    environ = dict(os.environ)
+    environ.pop(worker.ENV, None)
+    handle = worker.start(folder / "worker.log", environ)
+    assert handle is not None
+    deadline = time.time() + 120
+    while not os.path.exists(handle.address):
+        assert handle.process.poll() is None, (folder / "worker.log").read_text()
+        assert time.time() < deadline, "the worker never listened"
+        time.sleep(0.1)
+    yield handle, script, environ
+    handle.stop()
+    assert handle.process.returncode == 0
+    assert not Path(handle.address).parent.exists()
+
+
+def job(served, cwd: Path, **env: str) -> subprocess.Popen:
+    _handle, script, environ = served
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=cwd,
+        env={**environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def served_by(served, pid: int) -> bool:
+    handle, _script, _environ = served
+    return psutil.Process(pid).ppid() == handle.process.pid
+
+
+def test_a_job_runs_in_the_worker_as_in_its_own_process(served, tmp_path):
+    import json
+
+    process = job(served, tmp_path, MARK="one", CODE="3")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 3, err
+    ran = json.loads(out)
+    assert ran["in_worker"] and ran["pid"] != process.pid
+    assert ran["cwd"] == str(tmp_path) and ran["mark"] == "one" and ran["torch"] == 2.0
+    assert ran["argv"] == [str(served[1])]
+    assert "to stderr" in err
+    # the next job sees its own environment, not the last one's
+    process = job(served, tmp_path, MARK="two")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and json.loads(out)["mark"] == "two"
+
+
+def test_a_failing_job_shows_its_traceback_and_fails(served, tmp_path):
+    process = job(served, tmp_path, CODE="not a number")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert '"in_worker": true' in out
+    assert "ValueError: invalid literal for int()" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_signal_to_the_job_reaches_the_process_running_it(served, tmp_path, sig):
+    pidfile = tmp_path / "pid"
+    process = job(served, tmp_path, PIDFILE=str(pidfile))
+    deadline = time.time() + 120
+    while not pidfile.exists() or not pidfile.read_text():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    running = int(pidfile.read_text())
+    assert served_by(served, running)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    # ended as a process of its own would: by the signal (SIGINT: Python's KeyboardInterrupt,
+    # uncaught, ends it by SIGINT)
+    assert process.returncode == -sig
+    deadline = time.time() + 30
+    while psutil.pid_exists(running) and psutil.Process(running).status() != "zombie":
+        assert time.time() < deadline, f"process {running} outlived its job ({sig.name})"
+        time.sleep(0.05)
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in process.stderr.read()
+
+
+def test_what_the_worker_cannot_vouch_for_runs_in_the_jobs_own_process(served, tmp_path):
+    import json
+
+    # an environment variable that a library reads when it is imported, set differently
+    process = job(served, tmp_path, HF_HOME=str(tmp_path / "hf"))
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and not json.loads(out)["in_worker"]
+    # no worker at that address, or the worker turned off
+    for address in (str(tmp_path / "none"), "off"):
+        process = job(served, tmp_path, **{worker.ENV: address})
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0 and json.loads(out)["pid"] == process.pid
+    _handle, script, _environ = served
+    log = script.with_name("worker.log").read_text()
+    assert (
+        "job.py: in its own process: environment variables read at import differ: ['HF_HOME']"
+        in log
+    )
+
+
+def test_the_peak_memory_note_is_read_back(tmp_path):
+    log = tmp_path / "job.log"
+    log.write_text(
+        "stage output\nadaptune worker: the job ran in process 12 of the worker: 3.0 s, "
+        "peak resident memory 2148 MB\n"
+    )
+    assert worker.peak_memory_in_log(log) == 2148
+    assert worker.peak_memory_in_log(tmp_path / "absent.log") is None
+
+
+def test_the_worker_stops_when_the_workflow_process_is_gone(tmp_path):
+    address = tmp_path / "socket"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, os, time; "
+            f"p = subprocess.Popen([sys.executable, '-m', 'adaptune.worker', {str(address)!r}, "
+            "str(os.getpid())]); print(p.pid, flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    served_pid = int(parent.stdout.readline())
+    deadline = time.time() + 120
+    while not address.exists():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while psutil.pid_exists(served_pid) and psutil.Process(served_pid).status() != "zombie":
+        assert time.time() < deadline, "the worker outlived the workflow's process"
+        time.sleep(0.1)
+    assert not address.exists()
