@@ -26,9 +26,12 @@ from adaptune import worker
 worker.delegate()
 import json, os, sys, time
 import torch
+from threadpoolctl import threadpool_info
 print(json.dumps({
     "pid": os.getpid(), "in_worker": worker._in_worker, "cwd": os.getcwd(),
     "mark": os.environ.get("MARK"), "argv": sys.argv, "torch": torch.ones(2).sum().item(),
+    "threads": torch.get_num_threads(),
+    "blas": sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}),
 }), flush=True)
 print("to stderr", file=sys.stderr, flush=True)
 if os.environ.get("PIDFILE"):
@@ -87,10 +90,16 @@ def test_a_job_runs_in_the_worker_as_in_its_own_process(served, tmp_path):
     assert ran["cwd"] == str(tmp_path) and ran["mark"] == "one" and ran["torch"] == 2.0
     assert ran["argv"] == [str(served[1])]
     assert "to stderr" in err
-    # the next job sees its own environment, not the last one's
-    process = job(served, tmp_path, MARK="two")
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and json.loads(out)["mark"] == "two"
+    # the next job sees its own environment, not the last one's, and runs on the threads
+    # Snakemake gave it (as OMP_NUM_THREADS and the BLAS variables, which the worker's libraries
+    # read when they loaded), as its own process would
+    for threads in (1, 2):
+        counts = {name: str(threads) for name in worker.THREAD_VARIABLES}
+        process = job(served, tmp_path, MARK=f"two{threads}", **counts)
+        out, _ = process.communicate(timeout=120)
+        ran = json.loads(out)
+        assert process.returncode == 0 and ran["in_worker"] and ran["mark"] == f"two{threads}"
+        assert ran["threads"] == threads and set(ran["blas"]) == {threads}
 
 
 def test_a_failing_job_shows_its_traceback_and_fails(served, tmp_path):

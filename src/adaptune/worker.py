@@ -91,6 +91,16 @@ LEARNED_PACKAGES = (
     "transformers",
     "huggingface_hub",
 )
+# The thread counts Snakemake gives each job (its threads): read by OpenBLAS, MKL and OpenMP when
+# they load, so in a job that the worker runs they are applied as the job starts instead (torch's
+# and the BLAS and OpenMP libraries' thread pools, through threadpoolctl).
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 # Read by a library when it is imported: a job whose value differs from the worker's runs in its
 # own process (the worker's copy of the library would not see it).
 IMPORT_TIME_VARIABLES = (
@@ -242,8 +252,32 @@ def job_started() -> float | None:
 
 
 def import_time_environment(env: dict[str, str]) -> dict[str, str]:
-    """The variables of ``env`` that libraries read when they are imported."""
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_VARIABLES)}
+    """The variables of ``env`` that libraries read when they are imported (but the thread
+    counts, which a job applies as it starts: :func:`limit_threads`)."""
+    return {
+        k: v
+        for k, v in env.items()
+        if k.startswith(IMPORT_TIME_VARIABLES) and k not in THREAD_VARIABLES
+    }
+
+
+def thread_count(env: dict[str, str]) -> int | None:
+    """The job's thread count that Snakemake gave it (``OMP_NUM_THREADS``), if any."""
+    value = env.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def limit_threads(count: int | None) -> None:
+    """What the thread variables would have done in a fresh process: torch's intra-op threads
+    and every loaded BLAS and OpenMP pool at ``count``; nothing where the job has none."""
+    if count is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=count)
 
 
 def threads() -> int:
@@ -446,6 +480,7 @@ def run_job(
         sys.path[0] = os.path.dirname(request["script"])  # as ``python script`` has it
         _in_worker = True
         _reseed()
+        limit_threads(thread_count(os.environ))
         _die_with_client(conn)
         before = set(sys.modules)
         code = _run_script(request["script"])
