@@ -25,7 +25,8 @@ What stays true of a job run this way:
   (``ADAPTUNE_WORKER=off``, a cluster or container executor, the worker still importing), another
   Python or installation, environment variables that libraries read when they are imported
   (:data:`IMPORT_TIME_VARIABLES`) set differently from the worker's, or a worker that has come
-  to hold a second Python thread (forking a threaded process is unsafe; it then forks no more).
+  to hold a second Python thread or to have initialised CUDA (forking is then unsafe; it forks
+  no more).
 
 Linux only (file descriptors passed over ``AF_UNIX``); elsewhere every job runs in its own
 process.
@@ -72,6 +73,10 @@ PRELOAD = (
     "adaptune.importance",
     "adaptune.report",
 )
+# Computed once in the worker, for every job after: tables that depend only on what is installed.
+# MLflow maps every installed distribution to its modules (reading each one's file list: about
+# 2 s on a 2-core machine) the first time a process logs a model, to check its requirements.
+WARM = ("mlflow.utils.requirements_utils:_init_modules_to_packages_map",)
 # A job's newly imported modules the worker imports after it, from these packages only.
 LEARNED_PACKAGES = (
     "adaptune",
@@ -290,6 +295,17 @@ def threads() -> int:
     return threading.active_count()
 
 
+def fork_unsafe() -> str:
+    """Why forking this process would be unsafe ('' if it is not): a second Python thread, or
+    CUDA initialised (a forked process cannot use it)."""
+    if threads() != 1:
+        return f"the worker holds {threads()} Python threads"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "the worker initialised CUDA"
+    return ""
+
+
 class Worker:
     """The serving loop: accept a job, fork a process for it, report its end to its client."""
 
@@ -399,9 +415,10 @@ class Worker:
         if theirs != self.environment:
             differ = sorted(set(theirs.items()) ^ set(self.environment.items()))
             return f"environment variables read at import differ: {sorted({k for k, _ in differ})}"
-        if not self.forkable or threads() != 1:
+        unsafe = fork_unsafe()
+        if not self.forkable or unsafe:
             self.forkable = False
-            return f"the worker holds {threads()} threads"
+            return unsafe or "the worker stopped forking"
         return ""
 
     def reap(self) -> None:
@@ -449,9 +466,10 @@ class Worker:
             importlib.import_module(name)
         except Exception as error:
             self.log(f"not importing {name}: {error!r}")
-        if threads() != 1:
+        unsafe = fork_unsafe()
+        if unsafe:
             self.forkable = False
-            self.log(f"importing {name} started a thread: every job runs in its own process now")
+            self.log(f"after importing {name}, {unsafe}: every job runs in its own process now")
 
 
 def run_job(
@@ -647,10 +665,17 @@ def main(argv: list[str] | None = None) -> None:
             importlib.import_module(name)
         except ImportError as error:
             print(f"not importing {name}: {error!r}", flush=True)
+    for target in WARM:
+        module, _, function = target.partition(":")
+        try:
+            getattr(importlib.import_module(module), function)()
+        except (ImportError, AttributeError) as error:  # another MLflow: jobs compute it
+            print(f"not warming {target}: {error!r}", flush=True)
     worker = Worker(args.address, args.parent, environment)
     worker.log(f"imported in {time.perf_counter() - began:.1f} s")
-    if threads() != 1:
-        worker.log(f"holding {threads()} threads after its imports: not serving")
+    unsafe = fork_unsafe()
+    if unsafe:
+        worker.log(f"after its imports, {unsafe}: not serving")
         return
     worker.serve()
 
