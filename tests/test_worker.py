@@ -133,6 +133,55 @@ def test_a_signal_to_the_job_reaches_the_process_running_it(served, tmp_path, si
         assert "KeyboardInterrupt" in process.stderr.read()
 
 
+def started(served, tmp_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
+    """A job that waits, and the pid of the worker's process that runs it."""
+    pidfile = tmp_path / f"pid{time.monotonic_ns()}"
+    process = job(served, tmp_path, PIDFILE=str(pidfile), **env)
+    deadline = time.time() + 120
+    while not pidfile.exists() or not pidfile.read_text():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process, int(pidfile.read_text())
+
+
+def test_jobs_run_side_by_side_and_a_killed_process_kills_its_job(served, tmp_path):
+    first, first_pid = started(served, tmp_path)
+    second, second_pid = started(served, tmp_path)
+    assert (
+        first_pid != second_pid and served_by(served, first_pid) and served_by(served, second_pid)
+    )
+    os.kill(second_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    assert second.wait(timeout=60) == -signal.SIGKILL
+    assert first.poll() is None  # the other job goes on
+    first.terminate()
+    assert first.wait(timeout=60) == -signal.SIGTERM
+
+
+def test_a_client_gone_before_its_reply_costs_the_worker_nothing(served, tmp_path):
+    import json
+    import socket
+
+    handle, script, environ = served
+    for _ in range(3):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(handle.address)
+        request = {
+            "script": str(script),
+            "cwd": str(tmp_path),
+            "env": {**environ, "PIDFILE": str(tmp_path / "never")},
+            "executable": sys.executable,
+            "prefix": sys.prefix,
+            "started": time.time(),
+        }
+        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+        conn.close()
+    time.sleep(1)
+    process = job(served, tmp_path)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and json.loads(out)["in_worker"]
+    assert handle.process.poll() is None
+
+
 def test_what_the_worker_cannot_vouch_for_runs_in_the_jobs_own_process(served, tmp_path):
     import json
 

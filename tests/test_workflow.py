@@ -101,6 +101,21 @@ def test_every_stage_wrote_its_outputs_logs_and_benchmarks(workflow):
         assert list((results / "logs").rglob(f"{rule}*")), rule
 
 
+def test_jobs_ran_in_the_worker_which_stopped_with_the_workflow(workflow):
+    """adaptune's worker served the jobs that came once it listened (those before it ran in
+    their own processes: it was still importing), refused none, and ended with snakemake."""
+    results = workflow.results("tiny")
+    served = (results / "logs/worker.log").read_text()
+    assert "listening on" in served and served.rstrip().endswith("stopped"), served
+    assert "in its own process" not in served, served
+    ran_there = [
+        log
+        for log in (results / "logs").rglob("*.log")
+        if "adaptune worker: the job ran in process" in log.read_text()
+    ]
+    assert ran_there and len(ran_there) == served.count(": process "), served
+
+
 def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(workflow):
     import mlflow
 

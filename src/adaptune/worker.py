@@ -38,14 +38,17 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
+FOLDER_PREFIX = "adaptune-worker-"  # the folder of the worker's socket (in the temporary folder)
 ENV = "ADAPTUNE_WORKER"  # the worker's socket; "off" (or unset): every job in its own process
 STARTED = "ADAPTUNE_JOB_STARTED"  # the job's own process's start (seconds since the epoch)
 MESSAGE = 1 << 20  # the longest message either side sends (a job's environment is the largest)
@@ -181,8 +184,16 @@ def delegate() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
+    def pause(_sig: int, _frame: object) -> None:
+        # Ctrl-Z: the process running the job stops too (with SIGSTOP: it is in a process group
+        # without a terminal, where SIGTSTP would be discarded), then this one.
+        forward(signal.SIGSTOP, None)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    signal.signal(signal.SIGTSTP, pause)
+    signal.signal(signal.SIGCONT, forward)  # this process went on: so does the job's
     for sig in pending:
         forward(sig, None)
     result = _receive(conn)
@@ -197,10 +208,13 @@ def delegate() -> None:
     status = result["status"]
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.WIFSIGNALED(status):
+    if os.WIFSIGNALED(status):  # killed by a signal: so is this process
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # (a signal whose default action is not to end the process)
     os._exit(os.waitstatus_to_exitcode(status))
 
 
@@ -295,13 +309,28 @@ def threads() -> int:
     return threading.active_count()
 
 
-def fork_unsafe() -> str:
-    """Why forking this process would be unsafe ('' if it is not): a second Python thread, or
-    CUDA initialised (a forked process cannot use it)."""
+def native_threads() -> int:
+    """All threads of this process, the native libraries' pools included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def cuda_driver_loaded() -> bool:
+    """Whether this process has loaded the CUDA driver (which a forked process cannot use)."""
+    with open("/proc/self/maps") as maps:
+        return any("libcuda.so" in line for line in maps)
+
+
+def fork_unsafe(native_baseline: int | None = None) -> str:
+    """Why forking this process would be unsafe ('' if it is not): a second Python thread,
+    more native threads than ``native_baseline`` (those of the libraries loaded before the
+    worker listened: a pool started since, such as OpenMP's after a computation, would not
+    survive the fork), or CUDA initialised or its driver loaded."""
     if threads() != 1:
         return f"the worker holds {threads()} Python threads"
+    if native_baseline is not None and native_threads() > native_baseline:
+        return f"the worker's native threads grew from {native_baseline} to {native_threads()}"
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if (torch is not None and torch.cuda.is_initialized()) or cuda_driver_loaded():
         return "the worker initialised CUDA"
     return ""
 
@@ -323,6 +352,7 @@ class Worker:
         self.stopping = False
         self.forkable = True
         self.listener: socket.socket | None = None
+        self.native_baseline = native_threads()
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
@@ -350,6 +380,9 @@ class Worker:
                     self.learn(self.to_learn.pop(0))
         finally:
             self.close_listener()
+            folder = Path(self.address).parent
+            if folder.name.startswith(FOLDER_PREFIX):  # its own (start made it): gone with it
+                shutil.rmtree(folder, ignore_errors=True)
             self.log("stopped")
 
     def stop(self, *_args: object) -> None:
@@ -377,30 +410,38 @@ class Worker:
         return bool(readable)
 
     def accept(self) -> None:
+        """Take one job: fork its process, or tell its client why not. A client that is gone
+        by then costs nothing but its job (its process, without a client, kills itself)."""
         assert self.listener is not None
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        fds: list[int] = []
         try:
             data, fds, _flags, _address = socket.recv_fds(conn, MESSAGE, 3)
             request = json.loads(data)
-        except (OSError, ValueError):
-            conn.close()
-            return
-        try:
             refused = self.refusal(request, fds)
             if refused:
                 self.log(f"{Path(request.get('script', '?')).name}: in its own process: {refused}")
                 conn.send(json.dumps({"refused": refused}).encode())
                 conn.close()
                 return
+            # Signals the client passes on as soon as it has the pid wait, blocked, until the
+            # forked process has put the job's handlers in place.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
             if pid == 0:
                 others = [self.listener, *self.clients.values()]
                 request["env"] = {**self.added, **request["env"]}
                 run_job(request, fds, conn, others)  # never returns
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             self.clients[pid] = conn
             self.started[pid] = time.time()
-            conn.send(json.dumps({"pid": pid}).encode())
             self.log(f"{Path(request['script']).name}: process {pid}")
+            conn.send(json.dumps({"pid": pid}).encode())
+        except (OSError, ValueError) as error:
+            self.log(f"a job's client: {error!r}")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -415,7 +456,7 @@ class Worker:
         if theirs != self.environment:
             differ = sorted(set(theirs.items()) ^ set(self.environment.items()))
             return f"environment variables read at import differ: {sorted({k for k, _ in differ})}"
-        unsafe = fork_unsafe()
+        unsafe = fork_unsafe(self.native_baseline)
         if not self.forkable or unsafe:
             self.forkable = False
             return unsafe or "the worker stopped forking"
@@ -466,7 +507,7 @@ class Worker:
             importlib.import_module(name)
         except Exception as error:
             self.log(f"not importing {name}: {error!r}")
-        unsafe = fork_unsafe()
+        unsafe = fork_unsafe(self.native_baseline)
         if unsafe:
             self.forkable = False
             self.log(f"after importing {name}, {unsafe}: every job runs in its own process now")
@@ -486,14 +527,19 @@ def run_job(
         for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         sys.stdout.flush()
         sys.stderr.flush()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
+            os.close(fd)
+        # as a fresh interpreter has them: stdout line-buffered on a terminal only
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ[STARTED] = str(request["started"])
+        tempfile.tempdir = None  # the job's TMPDIR (Snakemake sets one per job), not the worker's
         sys.argv = [request["script"]]
         sys.path[0] = os.path.dirname(request["script"])  # as ``python script`` has it
         _in_worker = True
@@ -504,6 +550,9 @@ def run_job(
         code = _run_script(request["script"])
         _note_learned(before)
         code = _shutdown(code)
+    except KeyboardInterrupt:  # Ctrl-C before the script began: ended by SIGINT, as it would be
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -610,7 +659,6 @@ class Handle:
 
     def stop(self) -> None:
         """Ask it to end (it finishes running jobs first) and remove its folder once it has."""
-        import shutil
         import subprocess
 
         assert isinstance(self.process, subprocess.Popen)
@@ -626,16 +674,20 @@ class Handle:
 
 def start(log: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Handle | None:
     """Start a worker for this process's jobs (which find it through ``ADAPTUNE_WORKER``, set
-    here in ``os.environ``); None where jobs are to run in their own processes (not Linux, or
-    ``ADAPTUNE_WORKER=off``). Its log goes to ``log``; it stops by itself when this process is
-    gone."""
+    here in ``os.environ``); None where jobs are to run in their own processes (not Linux,
+    ``ADAPTUNE_WORKER=off``, or inside a SLURM allocation). Its log goes to ``log``; it stops
+    by itself when this process is gone."""
     import subprocess
-    import tempfile
 
     environ = os.environ if environ is None else environ
     if not sys.platform.startswith("linux") or environ.get(ENV) == "off":
         return None
-    folder = tempfile.mkdtemp(prefix="adaptune-worker-")
+    if "SLURM_JOB_ID" in environ:
+        # Inside a SLURM allocation, SLURM signals every process of the step: a job's own
+        # process would pass on a signal that the process running it had already had, and a
+        # second SIGTERM means "now" to a job (adaptune.signals.deferred).
+        return None
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
     address = os.path.join(folder, "socket")
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
