@@ -245,7 +245,18 @@ def test_a_server_that_stops_mid_job_costs_no_training_and_is_caught_up(tmp_path
         assert "adaptune: MLflow" not in flow.run("-n").stderr
 
 
-def test_a_signal_inside_a_deferred_block_acts_when_the_block_ends():
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C's SIGINT raises KeyboardInterrupt, as in a terminal's foreground: a suite started
+    in the background by a non-interactive shell inherits SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_inside_a_deferred_block_acts_when_the_block_ends(ctrl_c_raises):
     import os
     import signal
 
@@ -297,6 +308,7 @@ def test_ctrl_c_in_the_middle_of_a_store_write_ends_the_run_killed_at_once(tmp_p
     waited for the job (3 of 6 SIGINTs at random moments of a logging loop, before the fix;
     the workflow's Ctrl-C test in CI once). At this fixed moment the old code lost the write
     (0 of the 50 parameters) instead."""
+    import signal
     import subprocess
     import sys
 
@@ -305,6 +317,8 @@ def test_ctrl_c_in_the_middle_of_a_store_write_ends_the_run_killed_at_once(tmp_p
         capture_output=True,
         text=True,
         timeout=120,
+        # as in a terminal's foreground (see ctrl_c_raises)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
     run_id, seconds = done.stdout.split()
