@@ -237,3 +237,28 @@ def test_the_worker_stops_when_the_workflow_process_is_gone(tmp_path):
         assert time.time() < deadline, "the worker outlived the workflow's process"
         time.sleep(0.1)
     assert not address.exists()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (its SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_a_worker_stopped_while_it_imports_leaves_no_folder(tmp_path):
+    environ = dict(os.environ)
+    environ.pop(worker.ENV, None)
+    handle = worker.start(tmp_path / "worker.log", environ)
+    assert handle is not None
+    folder = Path(handle.address).parent
+    assert folder.is_dir()
+    deadline = time.time() + 60
+    while not catches_sigterm(handle.process.pid):
+        assert handle.process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    assert not Path(handle.address).exists()  # still importing: not listening yet
+    handle.process.send_signal(signal.SIGTERM)
+    assert handle.process.wait(timeout=60) == 0
+    assert not folder.exists()

@@ -380,9 +380,6 @@ class Worker:
                     self.learn(self.to_learn.pop(0))
         finally:
             self.close_listener()
-            folder = Path(self.address).parent
-            if folder.name.startswith(FOLDER_PREFIX):  # its own (start made it): gone with it
-                shutil.rmtree(folder, ignore_errors=True)
             self.log("stopped")
 
     def stop(self, *_args: object) -> None:
@@ -709,6 +706,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("address", help="the Unix socket to listen on")
     parser.add_argument("parent", type=int, help="the workflow's process: stop when it is gone")
     args = parser.parse_args(argv)
+    folder = Path(args.address).parent
+    # SIGTERM while it imports (the workflow ended first): end, through the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(args.address, args.parent)
+    finally:
+        if folder.name.startswith(FOLDER_PREFIX):  # its own (start made it): gone with it
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve(address: str, parent: int) -> None:
+    """Import what the jobs need, then serve them (unless forking has become unsafe)."""
     os.environ.pop(ENV, None)
     environment = dict(os.environ)
     began = time.perf_counter()
@@ -723,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
             getattr(importlib.import_module(module), function)()
         except (ImportError, AttributeError) as error:  # another MLflow: jobs compute it
             print(f"not warming {target}: {error!r}", flush=True)
-    worker = Worker(args.address, args.parent, environment)
+    worker = Worker(address, parent, environment)
     worker.log(f"imported in {time.perf_counter() - began:.1f} s")
     unsafe = fork_unsafe()
     if unsafe:
