@@ -262,3 +262,15 @@ def test_a_worker_stopped_while_it_imports_leaves_no_folder(tmp_path):
     handle.process.send_signal(signal.SIGTERM)
     assert handle.process.wait(timeout=60) == 0
     assert not folder.exists()
+
+
+def test_a_log_that_cannot_be_written_means_no_worker_and_no_folder(tmp_path, monkeypatch):
+    """A read-only or full results folder: the jobs run in their own processes and meet the
+    problem there, each naming it (test_faults' read-only and full-disk runs)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    environ: dict[str, str] = {}
+    assert worker.start("/proc/adaptune/worker.log", environ) is None
+    assert worker.ENV not in environ
+    assert not list(tmp_path.glob(f"{worker.FOLDER_PREFIX}*"))

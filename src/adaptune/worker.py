@@ -684,10 +684,21 @@ def start(log: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
         # process would pass on a signal that the process running it had already had, and a
         # second SIGTERM means "now" to a job (adaptune.signals.deferred).
         return None
-    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    try:
+        # Where its log or its socket cannot be written (a read-only or full results folder, a
+        # full temporary folder), the jobs run in their own processes and meet the problem there,
+        # each naming it, as without a worker.
+        folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    except OSError:
+        return None
+    try:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "w")  # noqa: SIM115 - the worker's stdout; closed here once it has it
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
     address = os.path.join(folder, "socket")
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
+    with out:
         process = subprocess.Popen(
             [sys.executable, "-m", "adaptune.worker", address, str(os.getpid())],
             stdin=subprocess.DEVNULL,
