@@ -274,3 +274,25 @@ def test_a_log_that_cannot_be_written_means_no_worker_and_no_folder(tmp_path, mo
     assert worker.start("/proc/adaptune/worker.log", environ) is None
     assert worker.ENV not in environ
     assert not list(tmp_path.glob(f"{worker.FOLDER_PREFIX}*"))
+
+
+def test_ctrl_z_stops_the_process_running_the_job_and_fg_resumes_it(served, tmp_path):
+    process, running = started(served, tmp_path)
+
+    def state(pid: int) -> str:
+        return psutil.Process(pid).status()
+
+    def wait_for(pid: int, wanted: str) -> None:
+        deadline = time.time() + 30
+        while state(pid) != wanted:
+            assert time.time() < deadline, f"{pid} is {state(pid)}, not {wanted}"
+            time.sleep(0.05)
+
+    process.send_signal(signal.SIGTSTP)  # Ctrl-Z
+    wait_for(process.pid, psutil.STATUS_STOPPED)
+    wait_for(running, psutil.STATUS_STOPPED)
+    process.send_signal(signal.SIGCONT)  # fg
+    wait_for(running, psutil.STATUS_SLEEPING)
+    assert state(process.pid) != psutil.STATUS_STOPPED
+    process.terminate()
+    assert process.wait(timeout=60) == -signal.SIGTERM
