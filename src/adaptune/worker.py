@@ -38,9 +38,11 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,6 +130,7 @@ IMPORT_TIME_VARIABLES = (
     "XDG_CACHE_HOME",
 )
 
+NOTE = "adaptune worker:"  # the line a job's client adds to the job's log
 _in_worker = False  # true in a process the worker forked to run a job
 
 
@@ -239,7 +242,7 @@ def _note_in_log(pid: int, result: dict) -> None:
     try:
         with open(logs[0], "a") as log:
             log.write(
-                f"adaptune worker: the job ran in process {pid} of the worker: "
+                f"{NOTE} the job ran in process {pid} of the worker: "
                 f"{result['seconds']:.1f} s, peak resident memory {result['max_rss_mb']:.0f} MB\n"
             )
     except OSError:
@@ -254,7 +257,7 @@ def peak_memory_in_log(path: str | os.PathLike[str]) -> float | None:
     except OSError:
         return None
     for line in reversed(text.splitlines()):
-        if line.startswith("adaptune worker:") and "peak resident memory" in line:
+        if line.startswith(NOTE) and "peak resident memory" in line:
             return float(line.rsplit("peak resident memory", 1)[1].split()[0])
     return None
 
@@ -345,14 +348,14 @@ class Worker:
         # would in a job's own process: torch's inductor sets its cache folder).
         self.environment = import_time_environment(environment)
         self.added = {k: v for k, v in os.environ.items() if environment.get(k) != v}
-        self.clients: dict[int, socket.socket] = {}  # running job's pid -> its client
-        self.started: dict[int, float] = {}
+        self.clients: dict[int, tuple[socket.socket, float]] = {}  # pid -> client, start
         self.to_learn: list[str] = []
         self.known = set(sys.modules)
         self.stopping = False
-        self.forkable = True
         self.listener: socket.socket | None = None
         self.native_baseline = native_threads()
+        # Why it forks no more ('' while it may): only its own imports can change that.
+        self.unsafe = fork_unsafe()
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
@@ -395,8 +398,6 @@ class Worker:
                     os.unlink(path)
 
     def wait_for_clients(self, timeout: float) -> bool:
-        import select
-
         if self.listener is None:
             time.sleep(timeout)
             return False
@@ -429,12 +430,11 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
             if pid == 0:
-                others = [self.listener, *self.clients.values()]
+                others = [self.listener, *(client for client, _ in self.clients.values())]
                 request["env"] = {**self.added, **request["env"]}
                 run_job(request, fds, conn, others)  # never returns
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-            self.clients[pid] = conn
-            self.started[pid] = time.time()
+            self.clients[pid] = (conn, time.time())
             self.log(f"{Path(request['script']).name}: process {pid}")
             conn.send(json.dumps({"pid": pid}).encode())
         except (OSError, ValueError) as error:
@@ -453,11 +453,7 @@ class Worker:
         if theirs != self.environment:
             differ = sorted(set(theirs.items()) ^ set(self.environment.items()))
             return f"environment variables read at import differ: {sorted({k for k, _ in differ})}"
-        unsafe = fork_unsafe(self.native_baseline)
-        if not self.forkable or unsafe:
-            self.forkable = False
-            return unsafe or "the worker stopped forking"
-        return ""
+        return self.unsafe
 
     def reap(self) -> None:
         while self.clients:
@@ -467,18 +463,19 @@ class Worker:
                 return
             if pid == 0:
                 return
-            conn = self.clients.pop(pid, None)
-            seconds = time.time() - self.started.pop(pid, time.time())
+            if pid not in self.clients:
+                continue
+            conn, started = self.clients.pop(pid)
+            seconds = time.time() - started
             self.log(f"process {pid} ended: status {status}, {seconds:.1f} s")
-            if conn is not None:
-                result = {
-                    "status": status,
-                    "max_rss_mb": usage.ru_maxrss / 1024,
-                    "seconds": seconds,
-                }
-                with contextlib.suppress(OSError):
-                    conn.send(json.dumps(result).encode())
-                conn.close()
+            result = {
+                "status": status,
+                "max_rss_mb": usage.ru_maxrss / 1024,
+                "seconds": seconds,
+            }
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(result).encode())
+            conn.close()
             self.collect_learned(pid)
 
     def learned_file(self, pid: int) -> Path:
@@ -498,16 +495,15 @@ class Worker:
     def learn(self, name: str) -> None:
         """Import one module a job imported (unless it would leave the worker threaded)."""
         self.known.add(name)
-        if not self.forkable:
+        if self.unsafe:
             return
         try:
             importlib.import_module(name)
         except Exception as error:
             self.log(f"not importing {name}: {error!r}")
-        unsafe = fork_unsafe(self.native_baseline)
-        if unsafe:
-            self.forkable = False
-            self.log(f"after importing {name}, {unsafe}: every job runs in its own process now")
+        self.unsafe = fork_unsafe(self.native_baseline)
+        if self.unsafe:
+            self.log(f"after importing {name}, {self.unsafe}: every job in its own process now")
 
 
 def run_job(
@@ -650,15 +646,12 @@ def _note_learned(before: Iterable[str]) -> None:
 class Handle:
     """A worker started for this workflow process."""
 
-    def __init__(self, process: object, address: str) -> None:
+    def __init__(self, process: subprocess.Popen, address: str) -> None:
         self.process = process
         self.address = address
 
     def stop(self) -> None:
         """Ask it to end (it finishes running jobs first) and remove its folder once it has."""
-        import subprocess
-
-        assert isinstance(self.process, subprocess.Popen)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -674,8 +667,6 @@ def start(log: str | os.PathLike[str], environ: dict[str, str] | None = None) ->
     here in ``os.environ``); None where jobs are to run in their own processes (not Linux,
     ``ADAPTUNE_WORKER=off``, or inside a SLURM allocation). Its log goes to ``log``; it stops
     by itself when this process is gone."""
-    import subprocess
-
     environ = os.environ if environ is None else environ
     if not sys.platform.startswith("linux") or environ.get(ENV) == "off":
         return None
@@ -745,9 +736,8 @@ def serve(address: str, parent: int) -> None:
             print(f"not warming {target}: {error!r}", flush=True)
     worker = Worker(address, parent, environment)
     worker.log(f"imported in {time.perf_counter() - began:.1f} s")
-    unsafe = fork_unsafe()
-    if unsafe:
-        worker.log(f"after its imports, {unsafe}: not serving")
+    if worker.unsafe:
+        worker.log(f"after its imports, {worker.unsafe}: not serving")
         return
     worker.serve()
 
