@@ -3,6 +3,7 @@ Face's ``Trainer``, in one process, on the same model, data and optimizer settin
 fine-tuning and training the head alone (where adaptune computes the frozen body once).
 
     python benchmarks/finetune_speed.py [--epochs 3] [--threads 2] [--shots 16]
+    python benchmarks/finetune_speed.py --loops adaptune --modes full --threads 1   # one loop
     python benchmarks/finetune_speed.py --gpu-model-size base   # on a GPU: bert-base in bf16
 
 Prints a markdown table: examples per second over the training epochs (validation excluded for
@@ -190,6 +191,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="median of this many runs")
     parser.add_argument("--gpu-model-size", choices=["base", "large"])
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=["plain", "trainer", "adaptune"],
+        default=["plain", "trainer", "adaptune"],
+        help="which loops to time (the ratio column needs plain)",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=["full", "head_only"], default=["full", "head_only"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,15 +212,23 @@ def main() -> None:
     from adaptune.modalities.text.models import load_tokenizer
 
     _TOKENIZER["tokenizer"] = load_tokenizer(model.name)
-    loops = {
-        "plain PyTorch loop": lambda s, m: plain_loop(load(model, info), train, s, m, device),
-        "Hugging Face Trainer": lambda s, m: hf_trainer(load(model, info), train, s, m, device),
-        "adaptune finetune": lambda s, m: adaptune_loop(
-            load(model, info), train, val, info, s, m, device
+    every_loop = {
+        "plain": (
+            "plain PyTorch loop",
+            lambda s, m: plain_loop(load(model, info), train, s, m, device),
+        ),
+        "trainer": (
+            "Hugging Face Trainer",
+            lambda s, m: hf_trainer(load(model, info), train, s, m, device),
+        ),
+        "adaptune": (
+            "adaptune finetune",
+            lambda s, m: adaptune_loop(load(model, info), train, val, info, s, m, device),
         ),
     }
+    loops = dict(every_loop[key] for key in args.loops)
     rows = []
-    for mode in ("full", "head_only"):
+    for mode in args.modes:
         lr = 1e-2 if mode == "head_only" else 5e-5
         settings = TrainSettings.from_config({"epochs": args.epochs, "lr": lr})
         # Interleaved repeats, so that a slow spell of the machine hits every loop alike.
@@ -218,7 +237,7 @@ def main() -> None:
             for name, run in loops.items():
                 runs[name].append(run(settings, mode))
         speeds = {name: float(np.median(values)) for name, values in runs.items()}
-        plain = speeds["plain PyTorch loop"]
+        plain = speeds.get("plain PyTorch loop", float("nan"))
         rows += [(mode, name, value, value / plain) for name, value in speeds.items()]
     print(
         f"\n{model.name} on {len(train)} BBC News articles ({args.shots} per class, up to "
@@ -228,7 +247,7 @@ def main() -> None:
     print("| mode | loop | examples/s | x plain loop |")
     print("|---|---|---:|---:|")
     for mode, name, value, ratio in rows:
-        print(f"| {mode} | {name} | {value:.1f} | {ratio:.2f} |")
+        print(f"| {mode} | {name} | {value:.1f} | {'–' if np.isnan(ratio) else f'{ratio:.2f}'} |")
     if args.gpu_model_size and device.type == "cuda":
         gpu_table(args.gpu_model_size, device)
 
